@@ -1,0 +1,53 @@
+"""Poisoning attacks as pure functions of (images, labels, seed, config).
+
+config keys: name ('badnets', 'badnets_a2a', 'blended', 'none'), poison_ratio (0.1),
+target (0, all-to-one), label_mode ('all2one' / 'all2all', set by the name), alpha
+(Blended, 0.2), patch_size (BadNets, 3), seed (the trigger's and the choice's).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from drr_jax.attacks import badnets, blended
+from drr_jax.attacks.core import (PoisonedSet, Trigger, apply_trigger, choose_poison,
+                                  poison_with, target_labels)
+
+_MAKERS = {"badnets": badnets.make_trigger, "badnets_a2a": badnets.make_trigger,
+           "blended": blended.make_trigger}
+NAMES = ("none",) + tuple(_MAKERS)
+
+
+def resolve(config: dict[str, Any]) -> dict[str, Any]:
+  """Fills in what the attack's name implies (label mode)."""
+  config = dict(config)
+  name = config.get("name", "none")
+  if name not in NAMES:
+    raise ValueError(f"unknown attack {name!r}; choose one of {NAMES}")
+  config.setdefault("label_mode", "all2all" if name == "badnets_a2a" else "all2one")
+  return config
+
+
+def make_trigger(config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger | None:
+  config = resolve(config)
+  if config["name"] == "none":
+    return None
+  return _MAKERS[config["name"]](int(config.get("seed", 0)), config, image_shape)
+
+
+def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> PoisonedSet:
+  """The training set an attacker hands over: triggered copies relabelled in place."""
+  config = resolve(config)
+  trigger = make_trigger(config, images.shape[1:])
+  if trigger is None:
+    return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
+                       np.zeros((0,), np.int64),
+                       Trigger(np.zeros(images.shape[1:], np.uint8),
+                               np.zeros(images.shape[1:], np.float32)))
+  # The poison choice uses a seed distinct from the trigger's so they vary independently.
+  return poison_with(images, labels, trigger, int(config.get("seed", 0)) + 1, config)
+
+
+__all__ = ["NAMES", "PoisonedSet", "Trigger", "apply_trigger", "choose_poison",
+           "make_trigger", "poison", "resolve", "target_labels"]

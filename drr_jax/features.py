@@ -1,0 +1,85 @@
+"""Which feature each conv/dense weight consumes, captured from any Flax Linen model.
+
+Every `nn.Conv` / `nn.Dense` submodule is a *layer*, named by its module path joined with
+'/' (e.g. 'stage2_block1/conv1'). The layer's weight lives at `params[*path]['kernel']`
+and the feature it consumes is its input, captured under the same name; its output (for
+a conv followed by BatchNorm: the pre-BN activation) is captured too. The mapping is
+explicit both ways: `kernel_path(name)` and `layer_name(kernel_path)`.
+
+Inputs are sown into Flax's 'intermediates' collection by a method interceptor (Flax's
+`capture_intermediates` records outputs only); outputs come from `capture_intermediates`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+LAYER_TYPES = (nn.Conv, nn.Dense)
+_INPUT = "__input__"
+_OUTPUT = "__call__"
+
+
+def is_layer(module: nn.Module) -> bool:
+  return isinstance(module, LAYER_TYPES)
+
+
+def layer_name(kernel_path: tuple[str, ...]) -> str:
+  """('stage1_block1', 'conv1', 'kernel') -> 'stage1_block1/conv1'."""
+  if not kernel_path or kernel_path[-1] != "kernel":
+    raise ValueError(f"{kernel_path} is not the path of a kernel")
+  return "/".join(kernel_path[:-1])
+
+
+def kernel_path(name: str) -> tuple[str, ...]:
+  """'stage1_block1/conv1' -> ('stage1_block1', 'conv1', 'kernel')."""
+  return tuple(name.split("/")) + ("kernel",)
+
+
+def layer_kernels(params: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Every conv (4-D) and dense (2-D) kernel in a params tree, by layer name, in order."""
+  flat = traverse_util.flatten_dict(dict(params))
+  return {layer_name(k): v for k, v in flat.items()
+          if k[-1] == "kernel" and jnp.ndim(v) in (2, 4)}
+
+
+def _sow_input(next_fun, args, kwargs, context):
+  if context.method_name == "__call__" and is_layer(context.module):
+    context.module.sow("intermediates", _INPUT, args[0])
+  return next_fun(*args, **kwargs)
+
+
+def capture(model: nn.Module, variables: Any, images: jax.Array, *,
+            outputs: bool = False, **apply_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs `model` and returns (logits, {layer name: input feature}) (or outputs).
+
+  A layer called more than once (shared weights) gets its calls concatenated along the
+  batch axis. Extra keyword arguments go to `model.apply` (e.g. train=False).
+  """
+  with nn.intercept_methods(_sow_input):
+    logits, state = model.apply(
+        variables, images, capture_intermediates=(lambda m, _: is_layer(m)) if outputs
+        else False, mutable=["intermediates"], **apply_kwargs)
+  flat = traverse_util.flatten_dict(state["intermediates"])
+  key = _OUTPUT if outputs else _INPUT
+  found = {"/".join(k[:-1]): (v[0] if len(v) == 1 else jnp.concatenate(v))
+           for k, v in flat.items() if k[-1] == key}
+  return logits, found
+
+
+def capture_fn(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Like `capture`, for a plain apply function that calls a Linen model inside."""
+  store: dict[str, list] = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and is_layer(context.module):
+      store.setdefault("/".join(context.module.scope.path), []).append(args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    logits = apply_fn(variables, images)
+  return logits, {k: (v[0] if len(v) == 1 else jnp.concatenate(v)) for k, v in store.items()}

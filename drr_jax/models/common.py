@@ -1,0 +1,36 @@
+"""Pieces shared by the CIFAR models: input normalization and initializers."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Per-channel statistics of the CIFAR-10 training set, in pixel units (0..255).
+CIFAR10_MEAN = (125.31, 122.95, 113.87)
+CIFAR10_STD = (62.99, 62.09, 66.70)
+
+
+def normalize(images: jnp.ndarray) -> jnp.ndarray:
+  """Pixel values (uint8 or float, 0..255) -> standardized float32.
+
+  The one place where inputs are normalized: data and attacks stay in pixel space.
+  """
+  x = images.astype(jnp.float32)
+  return (x - jnp.asarray(CIFAR10_MEAN)) / jnp.asarray(CIFAR10_STD)
+
+
+# He (fan-out) initialization, the usual one for ResNets and WRNs.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  # momentum 0.9 == PyTorch's momentum 0.1; epsilon as in PyTorch.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), (stride, stride),
+                 padding=[(kernel // 2, kernel // 2)] * 2, use_bias=False,
+                 kernel_init=conv_init, name=name)

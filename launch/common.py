@@ -1,0 +1,31 @@
+"""Flags shared by the entry points."""
+from __future__ import annotations
+
+import argparse
+
+from drr_jax import configs
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--preset", default="cpu", choices=configs.PRESETS,
+                 help="experiment preset (drr_jax/configs.py)")
+  p.add_argument("--model", help="resnet18 | wrn28_1 | densenet121")
+  p.add_argument("--width", type=float, help="ResNet-18 width multiplier")
+  p.add_argument("--attack", help="none | badnets | badnets_a2a | blended")
+  p.add_argument("--poison_ratio", type=float)
+  p.add_argument("--epochs", type=int)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override any config value, e.g. --set train.lr=0.05")
+
+
+def config_from_flags(args: argparse.Namespace) -> dict:
+  cfg = configs.get_config(args.preset)
+  sets = list(args.set)
+  for flag, key in [("model", "model.name"), ("width", "model.width"),
+                    ("attack", "attack.name"), ("poison_ratio", "attack.poison_ratio"),
+                    ("epochs", "train.epochs"), ("seed", "seed")]:
+    value = getattr(args, flag)
+    if value is not None:
+      sets.insert(0, f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+  return configs.override(cfg, sets)

@@ -1,0 +1,61 @@
+"""Train a (backdoored) CIFAR-10 classifier and report its ACC/ASR on the test set.
+
+  python -m launch.train --preset cpu --attack badnets --data_dir ../shared/data \
+      --workdir runs/wrn28_1-badnets
+Re-run with --resume to continue a killed run from its last epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+
+from drr_jax import datasets, evaluate, train, utils
+from launch.common import add_config_flags, config_from_flags
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_config_flags(p)
+  p.add_argument("--data_dir", help="folder with cifar10-{train,test}.zip "
+                 "(default: $DRR_DATA_DIR)")
+  p.add_argument("--workdir", help="run folder (default: runs/<model>-<attack>-<preset>)")
+  p.add_argument("--resume", action="store_true", help="continue from the last epoch")
+  args = p.parse_args(argv)
+  config = config_from_flags(args)
+  workdir = args.workdir or os.path.join(
+      "runs", f"{config['model']['name']}-{config['attack']['name']}-{config['preset']}")
+  if not args.resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    sys.exit(f"{workdir} already holds a run: pass --resume to continue it, or choose "
+             "another --workdir")
+  t0 = time.time()
+  ds = datasets.load(config, args.data_dir)
+  print(f"data: {len(ds.train.labels)} train ({len(ds.train.poison_idx)} poisoned), "
+        f"{len(ds.val.labels)} val, {len(ds.test.labels)} test; "
+        f"devices {jax.devices()}", flush=True)
+  state, meta = train.train(config, ds.train, ds.val, workdir, resume=args.resume)
+  model = train.build_model(config)
+  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  trigger = ds.train.trigger if config["attack"]["name"] != "none" else None
+  metrics = evaluate.evaluate(model, variables, ds.test, trigger, config["attack"],
+                              config["train"]["eval_batch_size"])
+  hist = meta["history"]
+  result = {"workdir": workdir, "config": config, "test": metrics,
+            "train_seconds": sum(h["seconds"] for h in hist),
+            "images_per_second": sum(h["images_per_second"] for h in hist) / len(hist),
+            "wall_seconds_this_invocation": time.time() - t0,
+            "machine": utils.machine_description()}
+  utils.write_json_atomic(os.path.join(workdir, "result.json"), result)
+  print(f"test ACC {100 * metrics['acc']:.2f} %  ASR {100 * metrics['asr']:.2f} %  "
+        f"(train {result['train_seconds'] / 60:.1f} min, "
+        f"{result['images_per_second']:.0f} img/s)")
+  return result
+
+
+if __name__ == "__main__":
+  main()
