@@ -70,16 +70,76 @@ def capture(model: nn.Module, variables: Any, images: jax.Array, *,
   return logits, found
 
 
-def capture_fn(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def capture_fn(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array, *,
+               outputs: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Like `capture`, for a plain apply function that calls a Linen model inside."""
   store: dict[str, list] = {}
 
   def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
     if context.method_name == "__call__" and is_layer(context.module):
-      store.setdefault("/".join(context.module.scope.path), []).append(args[0])
-    return next_fun(*args, **kwargs)
+      store.setdefault("/".join(context.module.scope.path), []).append(
+          out if outputs else args[0])
+    return out
 
   with nn.intercept_methods(record):
     logits = apply_fn(variables, images)
   return logits, {k: (v[0] if len(v) == 1 else jnp.concatenate(v)) for k, v in store.items()}
+
+
+POOLINGS = ("max", "mean", "positions")
+
+
+def pool(feature: jax.Array, pooling: str) -> jax.Array:
+  """A captured feature -> an (samples, C) matrix.
+
+  Dense features (N, C) pass through. Conv features (N, H, W, C) become one row per image
+  holding each channel's spatial 'max' or 'mean', or with 'positions' one row per
+  spatial position (N*H*W rows).
+  """
+  if feature.ndim == 2:
+    return feature
+  if feature.ndim != 4:
+    raise ValueError(f"cannot pool a feature of shape {feature.shape}")
+  if pooling == "max":
+    return jnp.max(feature, axis=(1, 2))
+  if pooling == "mean":
+    return jnp.mean(feature, axis=(1, 2))
+  if pooling == "positions":
+    return feature.reshape(-1, feature.shape[-1])
+  raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
+              layers: tuple[str, ...] | None = None) -> Callable:
+  """A jitted f(variables, images) -> {layer: (rows, C) float32} for the chosen layers."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+  def f(variables, images):
+    if isinstance(model, nn.Module):
+      _, found = capture(model, variables, images, outputs=outputs, train=False)
+    else:
+      _, found = capture_fn(model, variables, images, outputs=outputs)
+    keep = found if layers is None else {k: found[k] for k in layers}
+    return {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
+
+  return jax.jit(f)
+
+
+def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> list[str]:
+  """Layer names in the order the forward pass calls them (traced, not computed)."""
+  order: list[str] = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and is_layer(context.module):
+      name = "/".join(context.module.scope.path)
+      if name not in order:
+        order.append(name)
+    return next_fun(*args, **kwargs)
+
+  apply = ((lambda v, x: model.apply(v, x, train=False)) if isinstance(model, nn.Module)
+           else model)
+  with nn.intercept_methods(record):
+    jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape), jnp.uint8))
+  return order

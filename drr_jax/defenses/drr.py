@@ -1,0 +1,229 @@
+"""Directional Rank Reduction (Algorithm 1 of the paper) over any Flax Linen model.
+
+For each conv/dense layer, first to last: take the feature matrix X of the (poisoned)
+data at that layer, find k orthonormal directions maximizing the third central moment of
+X v (`stiefel`), keep those whose criterion exceeds tau, and fold P = I - V V^T into the
+layer's kernel (`projection`). In the faithful 'sequential' mode the features of later
+layers come from the network as modified so far; they are re-extracted only after a
+layer was actually projected (before that, the original network's features are exact).
+The 'one_pass' mode takes every layer's features from the original network and
+optimizes all frames of equal width together in one vmapped program.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from drr_jax import features, projection, stiefel
+
+SIDES = ("input", "output")
+MODES = ("sequential", "one_pass")
+
+
+def default_config() -> dict[str, Any]:
+  """DRR settings; see the README for the evidence behind each default."""
+  return {
+      "side": "input",         # project the feature a weight consumes (paper: W^ = P W)
+      "pooling": "max",        # conv feature -> per-channel spatial max per image
+      "k": 1,                  # directions optimized per layer
+      "tau": 2.0,              # keep a direction if its criterion exceeds tau
+      "standardize": True,     # criterion = skewness m3 / m2^1.5 (scale-free), not raw m3
+      "steps": 200,            # Cayley ascent steps
+      "lr": 0.1,               # Cayley step size
+      "mode": "sequential",    # 'sequential' (Algorithm 1) or 'one_pass'
+      "batch_size": 500,       # images per forward pass while extracting features
+      "layers": None,          # optional list of layer names to consider (default: all)
+  }
+
+
+class DefenseError(ValueError):
+  """Input that DRR cannot work with; the message names the problem."""
+
+
+def _check_config(cfg: Mapping[str, Any]) -> None:
+  unknown = set(cfg) - set(default_config())
+  if unknown:
+    raise DefenseError(f"unknown DRR setting(s) {sorted(unknown)}")
+  if cfg["side"] not in SIDES:
+    raise DefenseError(f"side must be one of {SIDES}, got {cfg['side']!r}")
+  if cfg["mode"] not in MODES:
+    raise DefenseError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
+  if cfg["pooling"] not in features.POOLINGS:
+    raise DefenseError(f"pooling must be one of {features.POOLINGS}, got {cfg['pooling']!r}")
+  if not isinstance(cfg["k"], (int, np.integer)) or cfg["k"] < 1:
+    raise DefenseError(f"k must be an integer >= 1, got {cfg['k']!r}")
+  if not np.isfinite(cfg["tau"]) or cfg["tau"] < 0:
+    raise DefenseError(f"tau must be finite and >= 0, got {cfg['tau']!r}")
+  if cfg["steps"] < 0 or not cfg["lr"] > 0 or cfg["batch_size"] < 1:
+    raise DefenseError("steps must be >= 0, lr > 0 and batch_size >= 1")
+
+
+def as_images(batch: Any) -> np.ndarray:
+  """An array (N, H, W, C), or an iterable of such arrays or of (images, labels) pairs,
+  as one array; checks rank, emptiness and finiteness."""
+  if isinstance(batch, (np.ndarray, jax.Array)):
+    parts = [batch]
+  elif isinstance(batch, Iterable):
+    parts = [b[0] if isinstance(b, (tuple, list)) else b for b in batch]
+  else:
+    raise DefenseError(f"batch must be an array or an iterable of arrays, got {type(batch)}")
+  if not parts:
+    raise DefenseError("the batch is empty: DRR needs the (poisoned) training images")
+  parts = [np.asarray(p) for p in parts]
+  for p in parts:
+    if p.ndim != 4:
+      raise DefenseError(f"images must have shape (N, H, W, C), got {p.shape}")
+    if p.shape[1:] != parts[0].shape[1:]:
+      raise DefenseError(f"batches disagree on image shape: {p.shape[1:]} vs "
+                         f"{parts[0].shape[1:]}")
+  images = np.concatenate(parts) if len(parts) > 1 else parts[0]
+  if len(images) < 2:
+    raise DefenseError(f"the batch holds {len(images)} image(s); DRR needs at least 2")
+  if np.issubdtype(images.dtype, np.floating) and not np.all(np.isfinite(images)):
+    raise DefenseError("the images contain NaN or Inf")
+  return images
+
+
+def _check_fit(model, variables, image_shape) -> Callable:
+  apply = ((lambda v, x: model.apply(v, x, train=False)) if isinstance(model, nn.Module)
+           else model)
+  try:
+    jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape), jnp.uint8))
+  except Exception as e:  # noqa: BLE001 - Flax raises many types for mismatched params
+    raise DefenseError(f"the params do not fit the model: {type(e).__name__}: "
+                       f"{str(e)[:400]}") from e
+  return apply
+
+
+def extract(model, variables, images: np.ndarray, layers: tuple[str, ...], *,
+            outputs: bool, pooling: str, batch_size: int, progress: bool = True,
+            desc: str = "features") -> dict[str, np.ndarray]:
+  """Streams the images through the model; returns {layer: (rows, C)} on the host."""
+  fn = features.pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers)
+  chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+  n = len(images)
+  for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    x = images[i:i + batch_size]
+    m = len(x)
+    if m < batch_size and n > batch_size:  # pad: one compiled program for every batch
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - m, 0)])
+    out = jax.device_get(fn(variables, x))
+    for k, v in out.items():
+      rows = v.shape[0] // len(x) * m
+      chunks[k].append(v[:rows])
+  feats = {k: np.concatenate(v) for k, v in chunks.items()}
+  for k, v in feats.items():
+    if not np.all(np.isfinite(v)):
+      raise DefenseError(f"the features of layer {k!r} contain NaN or Inf")
+  return feats
+
+
+def _layer_entry(name, x, result, cfg, seconds) -> dict[str, Any]:
+  values = np.asarray(result.values)
+  kept = values > cfg["tau"]
+  return {"layer": name, "channels": int(x.shape[1]), "rows": int(x.shape[0]),
+          "criterion": [float(v) for v in values], "kept": int(kept.sum()),
+          "tau": float(cfg["tau"]), "seconds": seconds}
+
+
+def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any, *,
+           config: Mapping[str, Any] | None = None, progress: bool = True
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Runs DRR; returns (new variables, report).
+
+  model: a Linen module (applied with train=False) or an apply(variables, images)
+  function that calls Linen modules inside. batch: the (poisoned) training images, as an
+  array or an iterable of arrays or (images, labels) pairs. config: overrides of
+  `default_config()`. The report holds, per layer, the criterion of each optimized
+  direction, how many were kept (criterion > tau), and the seconds spent.
+  """
+  cfg = {**default_config(), **dict(config or {})}
+  _check_config(cfg)
+  images = as_images(batch)
+  _check_fit(model, variables, images.shape[1:])
+  order = features.layer_order(model, variables, images.shape[1:])
+  if cfg["layers"] is not None:
+    unknown = set(cfg["layers"]) - set(order)
+    if unknown:
+      raise DefenseError(f"unknown layer(s) {sorted(unknown)}; the model has {order}")
+    order = [l for l in order if l in set(cfg["layers"])]
+  if not order:
+    raise DefenseError("the model has no conv or dense layer to defend")
+  outputs = cfg["side"] == "output"
+  kernels = features.layer_kernels(variables["params"])
+  for name in order:
+    c = kernels[name].shape[-1 if outputs else -2]
+    if cfg["k"] > c:
+      raise DefenseError(f"k = {cfg['k']} exceeds the {c} channels of layer {name!r}")
+  opt = {"steps": int(cfg["steps"]), "lr": float(cfg["lr"]),
+         "standardize": bool(cfg["standardize"])}
+  ext = dict(outputs=outputs, pooling=cfg["pooling"], batch_size=int(cfg["batch_size"]),
+             progress=progress)
+  t_start = time.time()
+  variables = dict(variables)
+  params = variables["params"]
+  entries, frames_kept, passes = [], {}, 0
+
+  if cfg["mode"] == "one_pass":
+    feats = extract(model, variables, images, tuple(order), **ext)
+    passes = 1
+    by_width: dict[tuple[int, int], list[str]] = {}
+    for name in order:
+      by_width.setdefault(feats[name].shape, []).append(name)
+    for shape, names in tqdm(by_width.items(), desc="directions", disable=not progress,
+                             leave=False):
+      t0 = time.time()
+      res = stiefel.maximize_stacked(np.stack([feats[n] for n in names]), cfg["k"], **opt)
+      res = jax.device_get(res)
+      dt = (time.time() - t0) / len(names)
+      for i, name in enumerate(names):
+        r = stiefel.FrameResult(res.frame[i], res.values[i], res.history[i])
+        entries.append(_layer_entry(name, feats[name], r, cfg, dt))
+        frames_kept[name] = r.frame[:, r.values > cfg["tau"]]
+    entries.sort(key=lambda e: order.index(e["layer"]))
+    params = projection.fold(params, {k: v for k, v in frames_kept.items() if v.shape[1]},
+                             cfg["side"])
+  else:
+    feats, stale = None, True
+    bar = tqdm(order, desc="DRR layers", disable=not progress)
+    for li, name in enumerate(bar):
+      t0 = time.time()
+      if stale:  # features of this and later layers, from the network as modified so far
+        feats = extract(model, {**variables, "params": params}, images, tuple(order[li:]),
+                        desc=f"features from {name}", **ext)
+        passes += 1
+        stale = False
+      x = feats.pop(name)
+      res = jax.device_get(stiefel.maximize(x, cfg["k"], **opt))
+      keep = res.values > cfg["tau"]
+      if keep.any():
+        frames_kept[name] = res.frame[:, keep]
+        params = projection.fold(params, {name: frames_kept[name]}, cfg["side"])
+        stale = True
+      entries.append(_layer_entry(name, x, res, cfg, time.time() - t0))
+      bar.set_postfix(kept=sum(e["kept"] for e in entries))
+  report = {"config": cfg, "layers": entries, "feature_passes": passes,
+            "directions_kept": sum(e["kept"] for e in entries),
+            "layers_projected": [e["layer"] for e in entries if e["kept"]],
+            "num_images": int(len(images)), "seconds": time.time() - t_start}
+  return {**variables, "params": params}, report
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+  """The per-layer report as a plain-text table."""
+  lines = [f"{'layer':34s} {'C':>4s} {'criterion':>22s} kept {'s':>6s}"]
+  for e in report["layers"]:
+    crit = " ".join(f"{v:.2f}" for v in e["criterion"][:4])
+    lines.append(f"{e['layer']:34s} {e['channels']:4d} {crit:>22s} {e['kept']:4d} "
+                 f"{e['seconds']:6.2f}")
+  lines.append(f"tau {report['config']['tau']}, {report['directions_kept']} direction(s) "
+               f"kept in {len(report['layers_projected'])} layer(s), "
+               f"{report['feature_passes']} feature pass(es), {report['seconds']:.1f} s")
+  return "\n".join(lines)
