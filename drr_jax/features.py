@@ -141,5 +141,8 @@ def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> lis
   apply = ((lambda v, x: model.apply(v, x, train=False)) if isinstance(model, nn.Module)
            else model)
   with nn.intercept_methods(record):
-    jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape), jnp.uint8))
+    # A fresh function each call: eval_shape caches traces by function identity, and a
+    # cached trace would not run the interceptor.
+    jax.eval_shape(lambda v, x: apply(v, x), variables,
+                   jnp.zeros((1, *image_shape), jnp.uint8))
   return order

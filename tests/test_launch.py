@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from drr_jax import checkpoint
+from launch import defend as launch_defend
 from launch import evaluate as launch_evaluate
 from launch import train as launch_train
 
@@ -23,6 +25,22 @@ def test_train_then_evaluate_cli(real_data_dir, real_cifar, session_cache, tmp_p
   assert 0.0 <= metrics["acc"] <= 1.0
   with pytest.raises(SystemExit, match="already holds a run"):
     launch_train.main(["--preset", "tiny", "--data_dir", real_data_dir, "--workdir", str(work)])
+
+  # defend it: a bad setting writes nothing, a good one writes a loadable checkpoint
+  out = tmp_path / "defended"
+  with pytest.raises(SystemExit, match="exceeds"):
+    launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
+                        str(out), "--set", "k=4", "--no_test"])
+  assert not out.exists()
+  res = launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
+                            str(out), "--set", "tau=0.0", "--set", "steps=5",
+                            "--set", "mode='one_pass'"])
+  crit = [c for e in res["drr"]["layers"] for c in e["criterion"]]
+  assert res["drr"]["directions_kept"] == sum(c > 0.0 for c in crit) > 0
+  model, variables, meta, _ = checkpoint.load_model(out)
+  assert meta["defense"]["after"]["test"] == res["after"]["test"]
+  with pytest.raises(SystemExit, match="already exists"):
+    launch_defend.main(["--checkpoint", str(work), "--out", str(out)])
 
 
 def test_cli_errors_name_the_problem(tmp_path, monkeypatch, capsys):

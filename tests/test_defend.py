@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drr_jax import defend, features
+from drr_jax.defenses import DefenseError
+
+
+class MLP(nn.Module):
+  """Flattens (N, H, W, C) 'images' -> Dense -> relu -> Dense."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(len(x), -1).astype(jnp.float32)
+    x = nn.relu(nn.Dense(16, name="hidden")(x))
+    return nn.Dense(4, name="head")(x)
+
+
+class ConvBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(jnp.float32) / 255.0
+    x = nn.Conv(8, (3, 3), use_bias=False, name="conv")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
+    return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+class Residual(nn.Module):
+  """A residual block without BatchNorm and a Dense head."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Conv(6, (3, 3), name="stem")(x.astype(jnp.float32) / 255.0))
+    y = nn.relu(nn.Conv(6, (3, 3), name="block_a")(x))
+    y = nn.Conv(6, (3, 3), name="block_b")(y)
+    x = nn.relu(x + y)
+    return nn.Dense(5, name="head")(x.reshape(len(x), -1))
+
+
+def _gaussian(n=4000, shape=(2, 2, 2), seed=0):
+  return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def _init(model, x):
+  return model.init(jax.random.key(0), jnp.asarray(x[:2]))
+
+
+def _same(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda p, q: np.array_equal(p, q), a, b)))
+
+
+def test_clean_gaussian_keeps_nothing_and_returns_params_unchanged():
+  x = _gaussian()
+  v = _init(MLP(), x)
+  for mode in ("sequential", "one_pass"):
+    new, report = defend(MLP(), v, x, config={"mode": mode}, progress=False)
+    assert report["directions_kept"] == 0, report
+    assert _same(new["params"], v["params"])
+    assert [e["layer"] for e in report["layers"]] == ["hidden", "head"]
+
+
+def test_a_skewed_cluster_is_found_and_projected_out():
+  x = _gaussian(seed=1).reshape(4000, -1)
+  d = np.random.default_rng(2).normal(size=x.shape[1])
+  d /= np.linalg.norm(d)
+  x[:400] += 12.0 * d  # a 10 % cluster 12 sigma away: skewness ~2.4 (ceiling 2.67)
+  x = x.reshape(4000, 2, 2, 2)
+  v = _init(MLP(), x)
+  new, report = defend(MLP(), v, x, config={"layers": ["hidden"], "k": 1}, progress=False)
+  (entry,) = report["layers"]
+  assert entry["kept"] == 1 and entry["criterion"][0] > 2.0, entry
+  kernel = np.asarray(new["params"]["hidden"]["kernel"])
+  old = np.asarray(v["params"]["hidden"]["kernel"])
+  assert np.linalg.norm(d @ kernel) < 0.05 * np.linalg.norm(d @ old)  # d no longer passes
+  # a direction orthogonal to d passes unchanged
+  e = np.random.default_rng(3).normal(size=d.shape)
+  e -= (e @ d) * d
+  np.testing.assert_allclose(e @ kernel, e @ old, atol=0.05 * np.linalg.norm(e @ old))
+
+
+@pytest.mark.parametrize("model", [ConvBN(), Residual()], ids=["conv_bn", "residual"])
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_models_the_library_never_saw(model, side):
+  x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+  v = _init(model, x)
+  new, report = defend(model, v, x, config={"tau": 0.0, "side": side, "steps": 20,
+                                            "batch_size": 16}, progress=False)
+  names = [e["layer"] for e in report["layers"]]
+  assert names == features.layer_order(model, v, x.shape[1:])
+  assert set(names) == set(features.layer_kernels(v["params"]))
+  assert jax.tree.structure(new) == jax.tree.structure(v)
+  assert report["directions_kept"] > 0 and not _same(new["params"], v["params"])
+  assert np.all(np.isfinite(model.apply(new, x)))
+
+
+def test_apply_function_and_iterable_batches():
+  x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+  model = ConvBN()
+  v = _init(model, x)
+  apply = lambda variables, images: model.apply(variables, images, train=False)
+  cfg = {"tau": 0.0, "steps": 10, "batch_size": 16}
+  a, ra = defend(model, v, x, config=cfg, progress=False)
+  b, rb = defend(apply, v, [(x[:40], None), (x[40:], None)], config=cfg, progress=False)
+  assert [e["layer"] for e in ra["layers"]] == [e["layer"] for e in rb["layers"]]
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-4, atol=1e-5), a, b)
+
+
+def test_bad_inputs_name_the_problem():
+  x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype(np.uint8)
+  model = ConvBN()
+  v = _init(model, x)
+  cases = [
+      (np.zeros((0, 8, 8, 3), np.uint8), {}, "at least 2"),
+      ([], {}, "empty"),
+      (x[:, :, :, 0], {}, r"\(N, H, W, C\)"),
+      (np.full((4, 8, 8, 3), np.nan, np.float32), {}, "NaN"),
+      (x, {"k": 0}, "k must be"),
+      (x, {"k": 9}, "exceeds"),
+      (x, {"tau": -1.0}, "tau"),
+      (x, {"side": "middle"}, "side"),
+      (x, {"layers": ["nope"]}, "unknown layer"),
+      (x, {"colour": 1}, "unknown DRR setting"),
+  ]
+  for batch, cfg, msg in cases:
+    with pytest.raises(DefenseError, match=msg):
+      defend(model, v, batch, config=cfg, progress=False)
+  wrong = jax.tree.map(lambda a: a, v)
+  wrong["params"]["conv"]["kernel"] = jnp.zeros((3, 3, 3, 5))
+  with pytest.raises(DefenseError, match="do not fit the model"):
+    defend(model, wrong, x, progress=False)
+
+
+def test_nan_features_are_reported_with_their_layer():
+  x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3)).astype(np.uint8)
+  model = ConvBN()
+  v = _init(model, x)
+  v = jax.tree.map(lambda a: a, v)
+  v["params"]["conv"]["kernel"] = v["params"]["conv"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
+  with pytest.raises(DefenseError, match="'conv' contain NaN"):
+    defend(model, v, x, config={"side": "output"}, progress=False)
