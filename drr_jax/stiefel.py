@@ -101,14 +101,61 @@ def _ascend(features: jax.Array, lr: jax.Array, k: int, steps: int,
   return FrameResult(frame[:, order], values[order], history)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "steps", "standardize"))
-def _maximize(features, lr, k, steps, standardize):
-  return _ascend(features, lr, k, steps, standardize)
+def _ascend_greedy(features: jax.Array, lr: jax.Array, k: int, steps: int,
+                   standardize: bool) -> FrameResult:
+  """k directions found one at a time, each in the orthogonal complement of the previous
+  ones (deflation). Unlike the joint search, a saturating criterion such as the skewness
+  cannot split one skewed direction over several columns."""
+  x = center(features)
+  c = x.shape[-1]
+  proj = jnp.eye(c, dtype=jnp.float32)
+  cols, history = [], 0.0
+  for _ in range(k):
+    res = _ascend(x @ proj, lr, 1, steps, standardize)
+    v = proj @ res.frame[:, 0]
+    v = v / jnp.linalg.norm(v)
+    cols.append(v)
+    history = history + res.history
+    proj = proj - jnp.outer(v, v)
+  frame = jnp.stack(cols, axis=1)
+  return FrameResult(frame, criterion(x, frame, standardize), history)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "steps", "standardize"))
-def _maximize_stacked(features, lr, k, steps, standardize):
-  return jax.vmap(lambda f: _ascend(f, lr, k, steps, standardize))(features)
+def _ascend_multistart(features: jax.Array, lr: jax.Array, k: int, steps: int,
+                       standardize: bool) -> FrameResult:
+  """k single directions, each ascended on the sphere St(C, 1) from one of the k axes
+  with the largest criterion. The columns are local maxima, unit length but not mutually
+  orthogonal (two starts may reach the same maximum): a pool of candidates for a caller
+  that judges each direction on its own."""
+  x = center(features)
+  starts = init_frame(x, k, standardize)  # (C, k)
+  objective = lambda f: jnp.sum(criterion(x, f, standardize))
+  value_and_grad = jax.value_and_grad(objective)
+
+  def one(start):
+    def step(frame, _):
+      value, grad = value_and_grad(frame)
+      return cayley_step(frame, grad, lr), value
+    frame, history = jax.lax.scan(step, start[:, None], None, length=steps)
+    return frame[:, 0], history
+
+  cols, history = jax.vmap(one, in_axes=1, out_axes=(1, 0))(starts)
+  values = criterion(x, cols, standardize)
+  history = jnp.concatenate([jnp.sum(history, 0), jnp.sum(values)[None]])
+  return FrameResult(cols, values, history)
+
+
+SEARCHES = {"joint": _ascend, "greedy": _ascend_greedy, "multistart": _ascend_multistart}
+
+
+@functools.partial(jax.jit, static_argnames=("k", "steps", "standardize", "search"))
+def _maximize(features, lr, k, steps, standardize, search="joint"):
+  return SEARCHES[search](features, lr, k, steps, standardize)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "steps", "standardize", "search"))
+def _maximize_stacked(features, lr, k, steps, standardize, search="joint"):
+  return jax.vmap(lambda f: SEARCHES[search](f, lr, k, steps, standardize))(features)
 
 
 def _validate(features, k, steps, lr, ndim: int) -> jax.Array:
@@ -134,24 +181,36 @@ def _validate(features, k, steps, lr, ndim: int) -> jax.Array:
   return features
 
 
-def maximize(features: jax.Array, k: int, *, steps: int = 200, lr: float = 0.05,
-             standardize: bool = True) -> FrameResult:
-  """k orthonormal directions maximizing the summed skewness (or raw third central moment)
-  of the projections of features (N, C); columns are returned by decreasing criterion.
+def _check_search(search: str) -> str:
+  if search not in SEARCHES:
+    raise ValueError(f"search must be one of {tuple(SEARCHES)}, got {search!r}")
+  return search
 
-  One compiled program serves every call with the same shape, k, steps and standardize.
-  The raw moment scales with the cube of the features, so its lr must be scaled to them.
+
+def maximize(features: jax.Array, k: int, *, steps: int = 200, lr: float = 0.05,
+             standardize: bool = True, search: str = "joint") -> FrameResult:
+  """k orthonormal directions maximizing the skewness (or raw third central moment) of
+  the projections of features (N, C).
+
+  search='joint' ascends the summed criterion of all k columns on St(C, k) (Algorithm 1);
+  columns come back by decreasing criterion. search='greedy' finds them one at a time by
+  deflation, in the order found. search='multistart' ascends one direction from each of
+  the k best axes independently: unit columns, not mutually orthogonal. One compiled program serves every call with the same
+  shape and static settings. The raw moment scales with the cube of the features, so its
+  lr must be scaled to them.
   """
   features = _validate(features, k, steps, lr, ndim=2)
-  return _maximize(features, lr, int(k), int(steps), bool(standardize))
+  return _maximize(features, lr, int(k), int(steps), bool(standardize),
+                   _check_search(search))
 
 
 def maximize_stacked(features: jax.Array, k: int, *, steps: int = 200, lr: float = 0.05,
-                     standardize: bool = True) -> FrameResult:
+                     standardize: bool = True, search: str = "joint") -> FrameResult:
   """maximize on L independent layers of equal shape, features (L, N, C), in one vmapped
   program; every field of the result gets a leading L."""
   features = _validate(features, k, steps, lr, ndim=3)
-  return _maximize_stacked(features, lr, int(k), int(steps), bool(standardize))
+  return _maximize_stacked(features, lr, int(k), int(steps), bool(standardize),
+                           _check_search(search))
 
 
 def is_orthonormal(frame: jax.Array, atol: float = 1e-5) -> bool:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
   cfg = meta["config"]
-  ds = datasets.load(cfg, args.data_dir)
+  ds = datasets.load(cfg, args.data_dir, test=not args.no_test)
   acfg = cfg["attack"]
   trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
   if acfg["name"] == "none":

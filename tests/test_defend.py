@@ -60,7 +60,8 @@ def test_clean_gaussian_keeps_nothing_and_returns_params_unchanged():
     new, report = defend(MLP(), v, x, config={"mode": mode}, progress=False)
     assert report["directions_kept"] == 0, report
     assert _same(new["params"], v["params"])
-    assert [e["layer"] for e in report["layers"]] == ["hidden", "head"]
+    # the classifier ('head') is skipped by default
+    assert [e["layer"] for e in report["layers"]] == ["hidden"]
 
 
 def test_a_skewed_cluster_is_found_and_projected_out():
@@ -70,7 +71,8 @@ def test_a_skewed_cluster_is_found_and_projected_out():
   x[:400] += 12.0 * d  # a 10 % cluster 12 sigma away: skewness ~2.4 (ceiling 2.67)
   x = x.reshape(4000, 2, 2, 2)
   v = _init(MLP(), x)
-  new, report = defend(MLP(), v, x, config={"layers": ["hidden"], "k": 1}, progress=False)
+  new, report = defend(MLP(), v, x, config={"layers": ["hidden"], "k": 1, "confirm": False},
+                       progress=False)
   (entry,) = report["layers"]
   assert entry["kept"] == 1 and entry["criterion"][0] > 2.0, entry
   kernel = np.asarray(new["params"]["hidden"]["kernel"])
@@ -88,7 +90,8 @@ def test_models_the_library_never_saw(model, side):
   x = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
   v = _init(model, x)
   new, report = defend(model, v, x, config={"tau": 0.0, "side": side, "steps": 20,
-                                            "batch_size": 16}, progress=False)
+                                            "batch_size": 16, "confirm": False,
+                                            "skip_classifier": False}, progress=False)
   names = [e["layer"] for e in report["layers"]]
   assert names == features.layer_order(model, v, x.shape[1:])
   assert set(names) == set(features.layer_kernels(v["params"]))
@@ -102,7 +105,7 @@ def test_apply_function_and_iterable_batches():
   model = ConvBN()
   v = _init(model, x)
   apply = lambda variables, images: model.apply(variables, images, train=False)
-  cfg = {"tau": 0.0, "steps": 10, "batch_size": 16}
+  cfg = {"tau": 0.0, "steps": 10, "batch_size": 16, "confirm": False}
   a, ra = defend(model, v, x, config=cfg, progress=False)
   b, rb = defend(apply, v, [(x[:40], None), (x[40:], None)], config=cfg, progress=False)
   assert [e["layer"] for e in ra["layers"]] == [e["layer"] for e in rb["layers"]]
@@ -119,7 +122,8 @@ def test_bad_inputs_name_the_problem():
       (x[:, :, :, 0], {}, r"\(N, H, W, C\)"),
       (np.full((4, 8, 8, 3), np.nan, np.float32), {}, "NaN"),
       (x, {"k": 0}, "k must be"),
-      (x, {"k": 9}, "exceeds"),
+      (x, {"k": 9, "search": "joint"}, "exceeds"),
+      (x, {"search": "sideways"}, "search"),
       (x, {"tau": -1.0}, "tau"),
       (x, {"side": "middle"}, "side"),
       (x, {"layers": ["nope"]}, "unknown layer"),
@@ -142,3 +146,53 @@ def test_nan_features_are_reported_with_their_layer():
   v["params"]["conv"]["kernel"] = v["params"]["conv"]["kernel"].at[0, 0, 0, 0].set(jnp.nan)
   with pytest.raises(DefenseError, match="'conv' contain NaN"):
     defend(model, v, x, config={"side": "output"}, progress=False)
+
+
+class Linear(nn.Module):
+  """feat (identity) -> cls: class = argmax of the first 10 coordinates, plus a
+  backdoor read from coordinate 10 (pushes to class 0); coordinate 11 is ignored."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(len(x), -1).astype(jnp.float32)
+    return nn.Dense(10, name="cls")(nn.Dense(12, name="feat")(x))
+
+
+def _linear_params():
+  w = np.zeros((12, 10), np.float32)
+  w[:10] = np.eye(10)
+  w[10, 0] = 3.0
+  return {"params": {"feat": {"kernel": jnp.eye(12), "bias": jnp.zeros(12)},
+                     "cls": {"kernel": jnp.asarray(w), "bias": jnp.zeros(10)}}}
+
+
+def test_confirmation_keeps_a_direction_that_decides_a_skewed_group():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.3
+  x[:400, 10] += 12.0  # the poisoned 10 %: far along coordinate 10 -> class 0
+  v = _linear_params()
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000}
+  new, report = defend(Linear(), v, x.reshape(4000, 3, 2, 2), config=cfg, progress=False)
+  (entry,) = report["layers"]
+  assert entry["kept"] == 1 and entry["checks"][0]["tail_flip"] > 0.75, entry
+  truth = np.argmax(x[:400, :10], -1)
+  agree = lambda variables: np.mean(truth == np.argmax(np.asarray(
+      Linear().apply(variables, x[:400].reshape(400, 3, 2, 2))), -1))
+  assert agree(v) < 0.2 and agree(new) > 0.9  # the group's own classes are back
+
+
+def test_confirmation_rejects_a_skewed_direction_the_model_ignores():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.3
+  x[:, 11] = rng.exponential(size=4000)  # skewness 2, no weight in cls
+  v = _linear_params()
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000}
+  x = x.reshape(4000, 3, 2, 2)
+  new, report = defend(Linear(), v, x, config=cfg, progress=False)
+  (entry,) = report["layers"]
+  assert entry["criterion"][0] > 1.5 and entry["kept"] == 0, entry
+  assert entry["checks"][0]["tail_flip"] < 0.5
+  _, plain = defend(Linear(), v, x, config={**cfg, "confirm": False}, progress=False)
+  assert plain["layers"][0]["kept"] == 1  # the paper's rule alone would project it

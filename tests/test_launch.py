@@ -30,7 +30,7 @@ def test_train_then_evaluate_cli(real_data_dir, real_cifar, session_cache, tmp_p
   out = tmp_path / "defended"
   with pytest.raises(SystemExit, match="exceeds"):
     launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
-                        str(out), "--set", "k=4", "--no_test"])
+                        str(out), "--set", "k=4", "--set", "search='joint'", "--no_test"])
   assert not out.exists()
   res = launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
                             str(out), "--set", "tau=0.0", "--set", "steps=5",

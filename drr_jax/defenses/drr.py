@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import features, projection, stiefel
+from drr_jax import evaluate, features, projection, stiefel
 
 SIDES = ("input", "output")
 MODES = ("sequential", "one_pass")
@@ -32,7 +32,9 @@ def default_config() -> dict[str, Any]:
   return {
       "side": "input",         # project the feature a weight consumes (paper: W^ = P W)
       "pooling": "max",        # conv feature -> per-channel spatial max per image
-      "k": 1,                  # directions optimized per layer
+      "k": 4,                  # directions optimized per layer (multistart: starts, <= C)
+      "search": "multistart",  # 'joint' (St(C, k), Algorithm 1), 'greedy' (deflation) or
+                               # 'multistart' (k independent ascents from the top axes)
       "tau": 2.0,              # keep a direction if its criterion exceeds tau
       "standardize": True,     # criterion = skewness m3 / m2^1.5 (scale-free), not raw m3
       "steps": 200,            # Cayley ascent steps
@@ -40,6 +42,16 @@ def default_config() -> dict[str, Any]:
       "mode": "sequential",    # 'sequential' (Algorithm 1) or 'one_pass'
       "batch_size": 500,       # images per forward pass while extracting features
       "layers": None,          # optional list of layer names to consider (default: all)
+      "skip_classifier": True,  # never project the last layer's input (class directions)
+      # Confirmation (ours, not the paper's): a candidate direction (criterion > tau) is
+      # projected only if removing it changes the prediction of most images in its skewed
+      # tail (z > tail_z) -- the signature of a sub-population whose label the direction
+      # decides. Measured on `confirm_samples` images of the defense set.
+      "confirm": True,
+      "confirm_samples": 5000,
+      "tail_z": 2.0,
+      "min_tail_flip": 0.75,
+      "seed": 0,
   }
 
 
@@ -53,6 +65,9 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError(f"unknown DRR setting(s) {sorted(unknown)}")
   if cfg["side"] not in SIDES:
     raise DefenseError(f"side must be one of {SIDES}, got {cfg['side']!r}")
+  if cfg["search"] not in stiefel.SEARCHES:
+    raise DefenseError(f"search must be one of {tuple(stiefel.SEARCHES)}, got "
+                       f"{cfg['search']!r}")
   if cfg["mode"] not in MODES:
     raise DefenseError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
   if cfg["pooling"] not in features.POOLINGS:
@@ -63,6 +78,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError(f"tau must be finite and >= 0, got {cfg['tau']!r}")
   if cfg["steps"] < 0 or not cfg["lr"] > 0 or cfg["batch_size"] < 1:
     raise DefenseError("steps must be >= 0, lr > 0 and batch_size >= 1")
+  if not 0.0 <= cfg["min_tail_flip"] <= 1.0 or cfg["confirm_samples"] < 2:
+    raise DefenseError("min_tail_flip must be in [0, 1] and confirm_samples >= 2")
 
 
 def as_images(batch: Any) -> np.ndarray:
@@ -125,12 +142,46 @@ def extract(model, variables, images: np.ndarray, layers: tuple[str, ...], *,
   return feats
 
 
-def _layer_entry(name, x, result, cfg, seconds) -> dict[str, Any]:
-  values = np.asarray(result.values)
-  kept = values > cfg["tau"]
+def _layer_entry(name, x, result, keep, checks, seconds) -> dict[str, Any]:
   return {"layer": name, "channels": int(x.shape[1]), "rows": int(x.shape[0]),
-          "criterion": [float(v) for v in values], "kept": int(kept.sum()),
-          "tau": float(cfg["tau"]), "seconds": seconds}
+          "criterion": [float(v) for v in np.asarray(result.values)],
+          "kept": int(np.sum(keep)), "checks": checks, "seconds": seconds}
+
+
+class _Confirmer:
+  """Tests candidate directions on a fixed subset S of the defense set: does removing a
+  direction change the predictions of (most of) the images in its skewed tail?"""
+
+  def __init__(self, model, images, cfg):
+    n = len(images)
+    m = min(int(cfg["confirm_samples"]), n)
+    self.n = n
+    self.idx = np.sort(np.random.default_rng(cfg["seed"]).choice(n, m, replace=False))
+    self.images, self.model, self.cfg = images[self.idx], model, cfg
+    self.batch = min(int(cfg["batch_size"]), m)
+    self._base_key, self._base = None, None
+
+  def _predict(self, variables):
+    return evaluate.predict(self.model, variables, self.images, self.batch, progress=False)
+
+  def base(self, variables, version):
+    if self._base_key != version:
+      self._base, self._base_key = self._predict(variables), version
+    return self._base
+
+  def check(self, variables, version, params_with, x, v) -> dict[str, float]:
+    """Tail-flip statistics of direction v (a column) of features x (rows = images)."""
+    proj = (x - x.mean(0)) @ v
+    proj = proj * np.sign(np.mean(proj ** 3) or 1.0)  # orient the tail to the skew
+    z = proj / (proj.std() + 1e-12)
+    z = z.reshape(self.n, -1).max(1)  # one score per image (several rows: 'positions')
+    tail = z[self.idx] > self.cfg["tail_z"]
+    before = self.base(variables, version)
+    after = self._predict({**variables, "params": params_with})
+    changed = before != after
+    flip = float(np.mean(changed[tail])) if tail.any() else 0.0
+    return {"tail_frac": float(np.mean(tail)), "changed": float(np.mean(changed)),
+            "tail_flip": flip}
 
 
 def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any, *,
@@ -142,54 +193,106 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   function that calls Linen modules inside. batch: the (poisoned) training images, as an
   array or an iterable of arrays or (images, labels) pairs. config: overrides of
   `default_config()`. The report holds, per layer, the criterion of each optimized
-  direction, how many were kept (criterion > tau), and the seconds spent.
+  direction, the confirmation statistics of the candidates, how many directions were
+  kept, and the seconds spent.
   """
   cfg = {**default_config(), **dict(config or {})}
   _check_config(cfg)
   images = as_images(batch)
   _check_fit(model, variables, images.shape[1:])
   order = features.layer_order(model, variables, images.shape[1:])
+  if not order:
+    raise DefenseError("the model has no conv or dense layer to defend")
+  if cfg["skip_classifier"] and len(order) > 1:
+    order = order[:-1]
   if cfg["layers"] is not None:
     unknown = set(cfg["layers"]) - set(order)
     if unknown:
-      raise DefenseError(f"unknown layer(s) {sorted(unknown)}; the model has {order}")
+      raise DefenseError(f"unknown layer(s) {sorted(unknown)}; DRR can visit {order}")
     order = [l for l in order if l in set(cfg["layers"])]
-  if not order:
-    raise DefenseError("the model has no conv or dense layer to defend")
   outputs = cfg["side"] == "output"
   kernels = features.layer_kernels(variables["params"])
-  for name in order:
-    c = kernels[name].shape[-1 if outputs else -2]
-    if cfg["k"] > c:
-      raise DefenseError(f"k = {cfg['k']} exceeds the {c} channels of layer {name!r}")
+  width = {name: kernels[name].shape[-1 if outputs else -2] for name in order}
+  if cfg["search"] != "multistart":  # multistart's k counts starts, capped at C below
+    for name, c in width.items():
+      if cfg["k"] > c:
+        raise DefenseError(f"k = {cfg['k']} exceeds the {c} channels of layer {name!r}")
+  k_of = lambda name: min(int(cfg["k"]), width[name])
   opt = {"steps": int(cfg["steps"]), "lr": float(cfg["lr"]),
-         "standardize": bool(cfg["standardize"])}
+         "standardize": bool(cfg["standardize"]), "search": cfg["search"]}
   ext = dict(outputs=outputs, pooling=cfg["pooling"], batch_size=int(cfg["batch_size"]),
              progress=progress)
   t_start = time.time()
   variables = dict(variables)
   params = variables["params"]
-  entries, frames_kept, passes = [], {}, 0
+  confirmer = _Confirmer(model, images, cfg) if cfg["confirm"] else None
+  version = 0  # bumps whenever params change, to refresh cached predictions
 
+  def decide(name, x, res, base_params):
+    """The directions of one layer to project, as an orthonormal (C, m) frame.
+
+    Candidates are the columns with criterion > tau, taken by decreasing criterion, each
+    made orthogonal to those already kept (a column mostly inside their span is a
+    duplicate and skipped). With confirmation, a candidate is kept only if removing it,
+    on top of the directions kept before it, flips most of its tail.
+    """
+    nonlocal version
+    values, frame = np.asarray(res.values), np.asarray(res.frame)
+    keep = np.zeros(len(values), bool)
+    kept: list[np.ndarray] = []
+    checks = []
+    current = base_params
+    for j in np.argsort(-values):
+      if not values[j] > cfg["tau"]:
+        break
+      v = frame[:, j].astype(np.float64)
+      for u in kept:
+        v = v - (u @ v) * u
+      if np.linalg.norm(v) < 0.5:  # mostly a direction already kept
+        continue
+      v = v / np.linalg.norm(v)
+      if confirmer is not None:
+        trial = projection.fold(current, {name: v[:, None].astype(np.float32)}, cfg["side"])
+        stats = confirmer.check({**variables, "params": current}, version, trial, x, v)
+        stats["column"] = int(j)
+        checks.append(stats)
+        # at least 10 tail images, so that a flip rate is more than a coin toss
+        if not (stats["tail_flip"] >= cfg["min_tail_flip"]
+                and stats["tail_frac"] * len(confirmer.idx) >= 10):
+          continue
+        current, version = trial, version + 1
+      keep[j] = True
+      kept.append(v)
+    v_kept = np.stack(kept, 1).astype(np.float32) if kept else np.zeros((len(frame), 0),
+                                                                        np.float32)
+    return v_kept, keep, checks
+
+  entries, passes = [], 0
   if cfg["mode"] == "one_pass":
     feats = extract(model, variables, images, tuple(order), **ext)
     passes = 1
-    by_width: dict[tuple[int, int], list[str]] = {}
+    by_shape: dict[tuple[int, int], list[str]] = {}
     for name in order:
-      by_width.setdefault(feats[name].shape, []).append(name)
-    for shape, names in tqdm(by_width.items(), desc="directions", disable=not progress,
+      by_shape.setdefault(feats[name].shape, []).append(name)
+    results = {}
+    for shape, names in tqdm(by_shape.items(), desc="directions", disable=not progress,
                              leave=False):
       t0 = time.time()
-      res = stiefel.maximize_stacked(np.stack([feats[n] for n in names]), cfg["k"], **opt)
-      res = jax.device_get(res)
-      dt = (time.time() - t0) / len(names)
+      res = jax.device_get(stiefel.maximize_stacked(
+          np.stack([feats[n] for n in names]), k_of(names[0]), **opt))
       for i, name in enumerate(names):
-        r = stiefel.FrameResult(res.frame[i], res.values[i], res.history[i])
-        entries.append(_layer_entry(name, feats[name], r, cfg, dt))
-        frames_kept[name] = r.frame[:, r.values > cfg["tau"]]
-    entries.sort(key=lambda e: order.index(e["layer"]))
-    params = projection.fold(params, {k: v for k, v in frames_kept.items() if v.shape[1]},
-                             cfg["side"])
+        results[name] = (stiefel.FrameResult(res.frame[i], res.values[i], res.history[i]),
+                         (time.time() - t0) / len(names))
+    frames = {}
+    for name in tqdm(order, desc="confirm", disable=not progress, leave=False):
+      res, dt = results[name]
+      t0 = time.time()
+      v_kept, keep, checks = decide(name, feats[name], res, params)
+      if keep.any():
+        frames[name] = v_kept
+      entries.append(_layer_entry(name, feats[name], res, keep, checks,
+                                  dt + time.time() - t0))
+    params = projection.fold(params, frames, cfg["side"])
   else:
     feats, stale = None, True
     bar = tqdm(order, desc="DRR layers", disable=not progress)
@@ -201,13 +304,13 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
         passes += 1
         stale = False
       x = feats.pop(name)
-      res = jax.device_get(stiefel.maximize(x, cfg["k"], **opt))
-      keep = res.values > cfg["tau"]
+      res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
+      v_kept, keep, checks = decide(name, x, res, params)
       if keep.any():
-        frames_kept[name] = res.frame[:, keep]
-        params = projection.fold(params, {name: frames_kept[name]}, cfg["side"])
+        params = projection.fold(params, {name: v_kept}, cfg["side"])
+        version += 1
         stale = True
-      entries.append(_layer_entry(name, x, res, cfg, time.time() - t0))
+      entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
       bar.set_postfix(kept=sum(e["kept"] for e in entries))
   report = {"config": cfg, "layers": entries, "feature_passes": passes,
             "directions_kept": sum(e["kept"] for e in entries),
@@ -218,12 +321,16 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
 
 def format_report(report: Mapping[str, Any]) -> str:
   """The per-layer report as a plain-text table."""
-  lines = [f"{'layer':34s} {'C':>4s} {'criterion':>22s} kept {'s':>6s}"]
+  lines = [f"{'layer':32s} {'C':>4s} {'criterion':>10s} {'tail flip':>9s} kept {'s':>6s}"]
   for e in report["layers"]:
-    crit = " ".join(f"{v:.2f}" for v in e["criterion"][:4])
-    lines.append(f"{e['layer']:34s} {e['channels']:4d} {crit:>22s} {e['kept']:4d} "
-                 f"{e['seconds']:6.2f}")
-  lines.append(f"tau {report['config']['tau']}, {report['directions_kept']} direction(s) "
-               f"kept in {len(report['layers_projected'])} layer(s), "
-               f"{report['feature_passes']} feature pass(es), {report['seconds']:.1f} s")
+    crit = " ".join(f"{v:.2f}" for v in e["criterion"][:3])
+    flips = " ".join(f"{c['tail_flip']:.2f}" for c in e.get("checks", [])[:3]) or "-"
+    lines.append(f"{e['layer']:32s} {e['channels']:4d} {crit:>10s} {flips:>9s} "
+                 f"{e['kept']:4d} {e['seconds']:6.2f}")
+  cfg = report["config"]
+  lines.append(f"tau {cfg['tau']}, confirm {cfg['confirm']} (tail z > {cfg['tail_z']}, "
+               f"flip >= {cfg['min_tail_flip']}): {report['directions_kept']} direction(s) "
+               f"kept in {len(report['layers_projected'])} layer(s) "
+               f"{report['layers_projected']}, {report['feature_passes']} feature pass(es), "
+               f"{report['seconds']:.1f} s")
   return "\n".join(lines)
