@@ -193,3 +193,37 @@ def test_stacked_wants_three_dimensions():
     st.maximize_stacked(np.ones((10, 4), np.float32), 2)
   with pytest.raises(ValueError, match="N >= 2"):
     st.maximize_stacked(np.ones((2, 1, 4), np.float32), 2)
+
+
+# --- the other two searches: greedy (deflation) and multistart ------------------------
+
+@pytest.mark.parametrize("csep", [10.0, 20.0])
+def test_greedy_puts_the_skewed_direction_in_one_column(csep):
+  """The joint search splits a saturating skewness over two columns; deflation does not."""
+  x, d = _mixture(csep, seed=7)
+  bound = np.sqrt(csep ** 2 - 9) / csep
+  greedy = st.maximize(x, 2, search="greedy", lr=0.1)
+  assert st.is_orthonormal(greedy.frame)
+  assert abs(float(greedy.frame[:, 0] @ d)) >= bound
+  assert abs(float(greedy.frame[:, 1] @ d)) < 0.2
+  np.testing.assert_allclose(greedy.values, st.criterion(st.center(x), greedy.frame, True),
+                             rtol=1e-4)
+
+
+def test_multistart_columns_are_local_maxima_from_the_top_axes():
+  x, d = _mixture(10.0, seed=3)
+  centered = st.center(x)
+  res = st.maximize(x, 4, search="multistart", lr=0.1)
+  cols = np.asarray(res.frame)
+  np.testing.assert_allclose(np.linalg.norm(cols, axis=0), 1.0, atol=1e-5)
+  start_values = np.asarray(st.axis_criterion(centered, True))
+  top = np.sort(start_values)[::-1][:4]
+  assert np.all(np.asarray(res.values) >= top - 1e-4)  # ascent never ends below its start
+  assert np.max(np.abs(cols.T @ d)) >= np.sqrt(100 - 9) / 10
+  stacked = st.maximize_stacked(np.stack([x, x]), 4, search="multistart", lr=0.1)
+  np.testing.assert_allclose(stacked.values[0], res.values, rtol=1e-3)
+
+
+def test_unknown_search_rejected():
+  with pytest.raises(ValueError, match="search must be one of"):
+    st.maximize(np.ones((4, 3), np.float32) + np.arange(12).reshape(4, 3), 1, search="random")
