@@ -34,9 +34,9 @@ def test_train_then_evaluate_cli(real_data_dir, real_cifar, session_cache, tmp_p
   assert not out.exists()
   res = launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
                             str(out), "--set", "tau=0.0", "--set", "steps=5",
-                            "--set", "mode='one_pass'"])
-  crit = [c for e in res["drr"]["layers"] for c in e["criterion"]]
-  assert res["drr"]["directions_kept"] == sum(c > 0.0 for c in crit) > 0
+                            "--set", "mode='one_pass'", "--set", "confirm=False"])
+  kept = [e["kept"] for e in res["drr"]["layers"]]
+  assert res["drr"]["directions_kept"] == sum(kept) > 0
   model, variables, meta, _ = checkpoint.load_model(out)
   assert meta["defense"]["after"]["test"] == res["after"]["test"]
   with pytest.raises(SystemExit, match="already exists"):
