@@ -196,3 +196,18 @@ def test_confirmation_rejects_a_skewed_direction_the_model_ignores():
   assert entry["checks"][0]["tail_flip"] < 0.5
   _, plain = defend(Linear(), v, x, config={**cfg, "confirm": False}, progress=False)
   assert plain["layers"][0]["kept"] == 1  # the paper's rule alone would project it
+
+
+def test_rounds_revisit_a_layer_only_while_directions_are_kept():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.3
+  x[:400, 10] += 12.0
+  v = _linear_params()
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000, "rounds": 3}
+  new, report = defend(Linear(), v, x.reshape(4000, 3, 2, 2), config=cfg, progress=False)
+  # round 1 removes the backdoor direction, round 2 finds nothing to confirm and stops
+  assert [e["kept"] for e in report["layers"]] == [1, 0]
+  assert report["feature_passes"] == 2
+  with pytest.raises(DefenseError, match="rounds"):
+    defend(Linear(), v, x.reshape(4000, 3, 2, 2), config={"rounds": 0}, progress=False)

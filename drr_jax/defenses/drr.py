@@ -40,6 +40,8 @@ def default_config() -> dict[str, Any]:
       "steps": 200,            # Cayley ascent steps
       "lr": 0.1,               # Cayley step size
       "mode": "sequential",    # 'sequential' (Algorithm 1) or 'one_pass'
+      "rounds": 1,             # sequential: revisit a layer, with re-extracted features,
+                               # up to this many times while directions are still kept
       "batch_size": 500,       # images per forward pass while extracting features
       "layers": None,          # optional list of layer names to consider (default: all)
       "skip_classifier": True,  # never project the last layer's input (class directions)
@@ -78,6 +80,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError(f"tau must be finite and >= 0, got {cfg['tau']!r}")
   if cfg["steps"] < 0 or not cfg["lr"] > 0 or cfg["batch_size"] < 1:
     raise DefenseError("steps must be >= 0, lr > 0 and batch_size >= 1")
+  if int(cfg["rounds"]) < 1:
+    raise DefenseError(f"rounds must be >= 1, got {cfg['rounds']!r}")
   if not 0.0 <= cfg["min_tail_flip"] <= 1.0 or cfg["confirm_samples"] < 2:
     raise DefenseError("min_tail_flip must be in [0, 1] and confirm_samples >= 2")
 
@@ -297,21 +301,24 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     feats, stale = None, True
     bar = tqdm(order, desc="DRR layers", disable=not progress)
     for li, name in enumerate(bar):
-      t0 = time.time()
-      if stale:  # features of this and later layers, from the network as modified so far
-        feats = extract(model, {**variables, "params": params}, images, tuple(order[li:]),
-                        desc=f"features from {name}", **ext)
-        passes += 1
-        stale = False
-      x = feats.pop(name)
-      res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
-      v_kept, keep, checks = decide(name, x, res, params)
-      if keep.any():
-        params = projection.fold(params, {name: v_kept}, cfg["side"])
-        version += 1
-        stale = True
-      entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
-      bar.set_postfix(kept=sum(e["kept"] for e in entries))
+      for _ in range(int(cfg["rounds"])):
+        t0 = time.time()
+        if stale:  # features of this and later layers, from the network as modified so far
+          feats = extract(model, {**variables, "params": params}, images,
+                          tuple(order[li:]), desc=f"features from {name}", **ext)
+          passes += 1
+          stale = False
+        x = feats[name]
+        res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
+        v_kept, keep, checks = decide(name, x, res, params)
+        if keep.any():
+          params = projection.fold(params, {name: v_kept}, cfg["side"])
+          version += 1
+          stale = True
+        entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
+        bar.set_postfix(kept=sum(e["kept"] for e in entries))
+        if not keep.any():  # nothing more to remove here: next layer
+          break
   report = {"config": cfg, "layers": entries, "feature_passes": passes,
             "directions_kept": sum(e["kept"] for e in entries),
             "layers_projected": [e["layer"] for e in entries if e["kept"]],
