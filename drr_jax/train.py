@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any, Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,9 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation,
 
   @jax.jit
   def update_fn(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
+    # A (N, H, W) batch or labels of another length would broadcast into nonsense.
+    chex.assert_rank([images, labels], [4, 1])
+    chex.assert_equal_shape_prefix([images, labels], 1)
     if augment:
       images = data.augment(jax.random.fold_in(key, state["step"]), images)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -70,3 +70,15 @@ def test_too_small_training_set(tmp_path):
   cfg, ps, val = _setup(n=16)
   with pytest.raises(ValueError, match="smaller than one batch"):
     train.train(cfg, ps, val, tmp_path, progress=False)
+
+
+def test_update_fn_rejects_mismatched_batches():
+  cfg, ps, _ = _setup()
+  model = train.build_model(cfg)
+  tx = train.make_optimizer(cfg, 2)
+  state = train.init_state(model, tx, jax.random.key(0))
+  update = train.make_update_fn(model, tx)
+  with pytest.raises(AssertionError):
+    update(state, ps.images[:8], ps.labels[:7], jax.random.key(1))
+  with pytest.raises(AssertionError):
+    update(state, ps.images[:8, :, :, 0], ps.labels[:8], jax.random.key(1))
