@@ -232,7 +232,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   confirmer = _Confirmer(model, images, cfg) if cfg["confirm"] else None
   version = 0  # bumps whenever params change, to refresh cached predictions
 
-  def decide(name, x, res, base_params):
+  def decide(name, x, res, base_params, prior=()):
     """The directions of one layer to project, as an orthonormal (C, m) frame.
 
     Candidates are the columns with criterion > tau, taken by decreasing criterion, each
@@ -250,7 +250,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       if not values[j] > cfg["tau"]:
         break
       v = frame[:, j].astype(np.float64)
-      for u in kept:
+      for u in list(prior) + kept:  # orthogonal to what this layer already lost
         v = v - (u @ v) * u
       if np.linalg.norm(v) < 0.5:  # mostly a direction already kept
         continue
@@ -301,6 +301,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     feats, stale = None, True
     bar = tqdm(order, desc="DRR layers", disable=not progress)
     for li, name in enumerate(bar):
+      removed = []  # directions already projected out of this layer's input
       for _ in range(int(cfg["rounds"])):
         t0 = time.time()
         if stale:  # features of this and later layers, from the network as modified so far
@@ -309,10 +310,17 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
           passes += 1
           stale = False
         x = feats[name]
+        if removed and not outputs:
+          # Input-side folding changes the kernel, not its input: look at the input as
+          # the kernel now sees it, with the removed directions projected out.
+          v = np.concatenate(removed, axis=1)
+          x = x - (x @ v) @ v.T
         res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
-        v_kept, keep, checks = decide(name, x, res, params)
+        prior = [u for v in removed for u in np.asarray(v, np.float64).T]
+        v_kept, keep, checks = decide(name, x, res, params, prior)
         if keep.any():
           params = projection.fold(params, {name: v_kept}, cfg["side"])
+          removed.append(v_kept)
           version += 1
           stale = True
         entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
