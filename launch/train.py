@@ -7,9 +7,7 @@ Re-run with --resume to continue a killed run from its last epoch.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from drr_jax import checkpoint, configs, train
+from drr_jax import checkpoint, train
 from tests.test_train import _setup
 
 

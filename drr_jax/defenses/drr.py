@@ -11,7 +11,6 @@ optimizes all frames of equal width together in one vmapped program.
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Iterable, Mapping
 

@@ -1,7 +1,6 @@
 """Pieces shared by the CIFAR models: input normalization and initializers."""
 from __future__ import annotations
 
-import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
