@@ -14,16 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import attacks, data
+from drr_jax import attacks, data, features
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def as_apply_fn(model: nn.Module | ApplyFn) -> ApplyFn:
-  """A Linen module becomes apply(variables, images) in eval mode; functions pass."""
-  if isinstance(model, nn.Module):
-    return lambda variables, x: model.apply(variables, x, train=False)
-  return model
+as_apply_fn = features.as_apply_fn
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,6 +23,13 @@ _INPUT = "__input__"
 _OUTPUT = "__call__"
 
 
+def as_apply_fn(model: nn.Module | Callable) -> Callable:
+  """A Linen module becomes apply(variables, images) in eval mode; functions pass."""
+  if isinstance(model, nn.Module):
+    return lambda variables, x: model.apply(variables, x, train=False)
+  return model
+
+
 def is_layer(module: nn.Module) -> bool:
   return isinstance(module, LAYER_TYPES)
 
@@ -138,8 +145,7 @@ def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> lis
         order.append(name)
     return next_fun(*args, **kwargs)
 
-  apply = ((lambda v, x: model.apply(v, x, train=False)) if isinstance(model, nn.Module)
-           else model)
+  apply = as_apply_fn(model)
   with nn.intercept_methods(record):
     # A fresh function each call: eval_shape caches traces by function identity, and a
     # cached trace would not run the interceptor.

@@ -111,15 +111,13 @@ def as_images(batch: Any) -> np.ndarray:
   return images
 
 
-def _check_fit(model, variables, image_shape) -> Callable:
-  apply = ((lambda v, x: model.apply(v, x, train=False)) if isinstance(model, nn.Module)
-           else model)
+def _check_fit(model, variables, image_shape) -> None:
+  apply = features.as_apply_fn(model)
   try:
     jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape), jnp.uint8))
   except Exception as e:  # noqa: BLE001 - Flax raises many types for mismatched params
     raise DefenseError(f"the params do not fit the model: {type(e).__name__}: "
                        f"{str(e)[:400]}") from e
-  return apply
 
 
 def extract(model, variables, images: np.ndarray, layers: tuple[str, ...], *,
@@ -162,24 +160,25 @@ class _Confirmer:
     self.idx = np.sort(np.random.default_rng(cfg["seed"]).choice(n, m, replace=False))
     self.images, self.model, self.cfg = images[self.idx], model, cfg
     self.batch = min(int(cfg["batch_size"]), m)
-    self._base_key, self._base = None, None
+    self._base_params, self._base = None, None
 
   def _predict(self, variables):
     return evaluate.predict(self.model, variables, self.images, self.batch, progress=False)
 
-  def base(self, variables, version):
-    if self._base_key != version:
-      self._base, self._base_key = self._predict(variables), version
+  def base(self, variables):
+    """Predictions of the network as it stands, recomputed only when its params change."""
+    if self._base_params is not variables["params"]:
+      self._base, self._base_params = self._predict(variables), variables["params"]
     return self._base
 
-  def check(self, variables, version, params_with, x, v) -> dict[str, float]:
+  def check(self, variables, params_with, x, v) -> dict[str, float]:
     """Tail-flip statistics of direction v (a column) of features x (rows = images)."""
     proj = (x - x.mean(0)) @ v
     proj = proj * np.sign(np.mean(proj ** 3) or 1.0)  # orient the tail to the skew
     z = proj / (proj.std() + 1e-12)
     z = z.reshape(self.n, -1).max(1)  # one score per image (several rows: 'positions')
     tail = z[self.idx] > self.cfg["tail_z"]
-    before = self.base(variables, version)
+    before = self.base(variables)
     after = self._predict({**variables, "params": params_with})
     changed = before != after
     flip = float(np.mean(changed[tail])) if tail.any() else 0.0
@@ -229,7 +228,6 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   variables = dict(variables)
   params = variables["params"]
   confirmer = _Confirmer(model, images, cfg) if cfg["confirm"] else None
-  version = 0  # bumps whenever params change, to refresh cached predictions
 
   def decide(name, x, res, base_params, prior=()):
     """The directions of one layer to project, as an orthonormal (C, m) frame.
@@ -239,7 +237,6 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     duplicate and skipped). With confirmation, a candidate is kept only if removing it,
     on top of the directions kept before it, flips most of its tail.
     """
-    nonlocal version
     values, frame = np.asarray(res.values), np.asarray(res.frame)
     keep = np.zeros(len(values), bool)
     kept: list[np.ndarray] = []
@@ -256,14 +253,14 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       v = v / np.linalg.norm(v)
       if confirmer is not None:
         trial = projection.fold(current, {name: v[:, None].astype(np.float32)}, cfg["side"])
-        stats = confirmer.check({**variables, "params": current}, version, trial, x, v)
+        stats = confirmer.check({**variables, "params": current}, trial, x, v)
         stats["column"] = int(j)
         checks.append(stats)
         # at least 10 tail images, so that a flip rate is more than a coin toss
         if not (stats["tail_flip"] >= cfg["min_tail_flip"]
                 and stats["tail_frac"] * len(confirmer.idx) >= 10):
           continue
-        current, version = trial, version + 1
+        current = trial
       keep[j] = True
       kept.append(v)
     v_kept = np.stack(kept, 1).astype(np.float32) if kept else np.zeros((len(frame), 0),
@@ -320,7 +317,6 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
         if keep.any():
           params = projection.fold(params, {name: v_kept}, cfg["side"])
           removed.append(v_kept)
-          version += 1
           stale = True
         entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
         bar.set_postfix(kept=sum(e["kept"] for e in entries))
