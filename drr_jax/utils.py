@@ -1,14 +1,17 @@
-"""Small helpers: atomic JSON writes and a description of the machine a result came from."""
+"""Small helpers: atomic JSON writes, JSON-safe values, and where a result came from
+(machine, git commit)."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -30,3 +33,37 @@ def machine_description() -> str:
   kind = getattr(dev, "device_kind", dev.platform)
   return (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
           f"{dev.platform} ({kind})")
+
+
+def jsonable(obj: Any) -> Any:
+  """A copy of obj that json.dump writes as strict JSON: numpy scalars and arrays become
+  Python numbers and lists, tuples lists, mapping keys strings, NaN and Inf None."""
+  if isinstance(obj, dict):
+    return {str(k): jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [jsonable(v) for v in obj]
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    return jsonable(np.asarray(obj).tolist())
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if np.isfinite(obj) else None
+  if obj is None or isinstance(obj, str):
+    return obj
+  raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def git_commit(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
+  """{'commit': sha, 'dirty': tracked files changed} of the git checkout holding `path`
+  (default: this package), or None outside a checkout or without git."""
+  cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                         text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd,
+                           capture_output=True, timeout=10, check=False).returncode != 0
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return {"commit": sha, "dirty": dirty}
