@@ -1,0 +1,227 @@
+"""One experiment-grid cell end to end, and a resumable loop over a grid (issue 5).
+
+A cell: train (or reuse a finished checkpoint) -> ACC/ASR on val and test -> DRR ->
+ACC/ASR again, plus the analysis (`drr_jax.analysis`: C of Assumption 2 per layer, tau
+sweep on val) from one feature pass. Each cell ends in one JSON record,
+`<results>/<cell_id>.json`, written atomically. A record is trusted only if it parses,
+says status 'done' in this schema, and was made with the config the cell asks for now;
+anything else (missing, truncated, stale) is redone, so a killed grid restarts where it
+stopped.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from drr_jax import analysis, checkpoint, configs, data, datasets, evaluate, features, utils
+from drr_jax import train as train_lib
+from drr_jax.defenses import drr
+from drr_jax.grid import Cell, cell_config, cell_id
+
+SCHEMA = 1
+OVERRIDABLE = ("drr", "analysis")  # sections --set may change; training is the cell's
+
+
+def experiment_config(cell: Cell, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """Everything a cell's record depends on: {'training', 'drr', 'analysis'}, with
+  'drr.KEY=VALUE' / 'analysis.KEY=VALUE' overrides applied; as its JSON would read back."""
+  for item in overrides:
+    if item.partition(".")[0] not in OVERRIDABLE:
+      raise KeyError(f"override {item!r}: only {OVERRIDABLE} settings can be set for a "
+                     "grid (a cell's training config is fixed by the grid)")
+  cfg = {"training": cell_config(cell), "drr": drr.default_config(),
+         "analysis": {"taus": list(analysis.TAUS)}}
+  cfg = configs.override(cfg, list(overrides))
+  return json.loads(json.dumps(utils.jsonable(cfg)))
+
+
+def record_path(results_dir: str | os.PathLike, cell: Cell) -> Path:
+  return Path(results_dir) / f"{cell_id(cell)}.json"
+
+
+REQUIRED = ("cell_id", "cell", "config", "before", "after", "drr", "analysis", "times",
+            "machine", "date")
+
+
+def check_record(rec: Any) -> str | None:
+  """What makes a parsed record unusable (not an object, another schema, not 'done', a
+  field missing), or None when it is complete."""
+  if not isinstance(rec, dict):
+    return "not a JSON object"
+  if rec.get("schema") != SCHEMA:
+    return f"schema {rec.get('schema')!r}, expected {SCHEMA}"
+  if rec.get("status") != "done":
+    return f"status {rec.get('status')!r}"
+  missing = [k for k in REQUIRED if k not in rec]
+  if missing:
+    return f"fields {missing} missing"
+  return None
+
+
+def record_status(path: str | os.PathLike, config: dict[str, Any]) -> str:
+  """'done' if the record at path can be trusted for `config`; else 'missing' or a reason
+  starting with 'invalid' (unreadable, wrong schema, unfinished) or 'stale' (made with
+  another config)."""
+  path = Path(path)
+  if not path.is_file():
+    return "missing"
+  try:
+    rec = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return f"invalid: cannot parse ({type(e).__name__}: {e})"
+  problem = check_record(rec)
+  if problem:
+    return f"invalid: {problem}"
+  if rec.get("config") != config:
+    return "stale: made with another config"
+  return "done"
+
+
+def is_done(path: str | os.PathLike, config: dict[str, Any]) -> bool:
+  """Whether the record at path is complete and was made with `config`."""
+  return record_status(path, config) == "done"
+
+
+def finished_meta(workdir: str | os.PathLike, config: dict[str, Any]
+                  ) -> dict[str, Any] | None:
+  """The meta record of a checkpoint in workdir that trained `config` for all its epochs,
+  or None (absent, unreadable, another config, or unfinished)."""
+  ckpt = Path(workdir) / "checkpoints"
+  if not ckpt.is_dir():
+    return None
+  try:
+    meta = checkpoint.restore(ckpt, {"meta": None})["meta"]
+  except checkpoint.CheckpointError:
+    return None
+  if meta.get("config") != config:
+    return None
+  if len(meta.get("history", [])) < config["train"]["epochs"]:
+    return None
+  return meta
+
+
+def _metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size: int,
+             progress: bool) -> dict[str, dict[str, float]]:
+  out = {}
+  for name, split in (("val", ds.val), ("test", ds.test)):
+    out[name] = evaluate.evaluate(model, variables, split, trigger, acfg, batch_size,
+                                  progress=progress)
+  return out
+
+
+def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
+             ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
+             overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> dict[str, Any]:
+  """Runs one cell and writes its record; returns the record."""
+  t_cell = time.time()
+  cfg = experiment_config(cell, overrides)
+  tcfg, dcfg = cfg["training"], cfg["drr"]
+  cid = cell_id(cell)
+  workdir = Path(ckpt_root) / cid
+  times: dict[str, float] = {}
+
+  ds = datasets.load(tcfg, data_dir, cache_dir)
+  meta = finished_meta(workdir, tcfg)
+  reused = meta is not None
+  if not reused:
+    t0 = time.time()
+    train_lib.train(tcfg, ds.train, ds.val, workdir, resume=True, progress=progress)
+    times["train_wall_seconds_this_run"] = time.time() - t0
+  model, variables, meta, attack_rec = checkpoint.load_model(workdir)
+  if not np.array_equal(np.asarray(attack_rec["poison_idx"]), ds.train.poison_idx):
+    raise checkpoint.CheckpointError(
+        f"{workdir}: its poison indices differ from the data loaded now (another data "
+        "copy or attack code?); move the checkpoint away to retrain")
+  times["train_seconds"] = float(sum(h["seconds"] for h in meta["history"]))
+  acfg = tcfg["attack"]
+  trigger = ds.train.trigger if acfg["name"] != "none" else None
+  bs = int(tcfg["train"]["eval_batch_size"])
+
+  t0 = time.time()
+  evaluate.predict(model, variables, ds.train.images, bs, progress, "plain pass")
+  times["plain_pass_seconds"] = time.time() - t0
+  t0 = time.time()
+  before = _metrics(model, variables, ds, trigger, acfg, bs, progress)
+  times["evaluate_seconds"] = time.time() - t0
+
+  t0 = time.time()
+  defended, report = drr.defend(model, variables, ds.train.images, config=dcfg,
+                                progress=progress)
+  times["defense_seconds"] = time.time() - t0
+  after = _metrics(model, defended, ds, trigger, acfg, bs, progress)
+  del defended
+
+  t0 = time.time()
+  order = features.layer_order(model, variables, ds.train.images.shape[1:])
+  feats = drr.extract(model, variables, ds.train.images, tuple(order),
+                      outputs=dcfg["side"] == "output", pooling=dcfg["pooling"],
+                      batch_size=int(dcfg["batch_size"]), progress=progress,
+                      desc="analysis features")
+  times["analysis_feature_pass_seconds"] = time.time() - t0
+  result = analysis.analyze(model, variables, feats, order, ds.train.poison_idx, ds.val,
+                            trigger, acfg, dcfg, taus=cfg["analysis"]["taus"],
+                            progress=progress)
+  del feats
+  times["analysis_seconds"] = time.time() - t0
+  times["cell_wall_seconds"] = time.time() - t_cell
+
+  record = {
+      "schema": SCHEMA, "status": "done", "cell_id": cid, "cell": cell._asdict(),
+      "config": cfg, "seed": cell.seed,
+      "data": {"num_train": len(ds.train.labels), "num_poisoned": len(ds.train.poison_idx),
+               "num_val": len(ds.val.labels), "num_test": len(ds.test.labels),
+               "train_zip_sha256": data.file_sha256(
+                   data.resolve_data_dir(data_dir) / "cifar10-train.zip")},
+      "checkpoint": {"dir": str(workdir), "reused": reused,
+                     "epochs": len(meta["history"]), "history": meta["history"]},
+      "before": before, "after": after, "drr": report, "analysis": result,
+      "times": times, "machine": utils.machine_description(), "git": utils.git_commit(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  record = utils.jsonable(record)
+  utils.write_json_atomic(record_path(results_dir, cell), record)
+  return record
+
+
+def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
+             ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
+             overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
+             progress: bool = True) -> dict[str, list[str]]:
+  """Runs every cell whose record is not done, in order; a failing cell is logged to
+  `<results>/<cell_id>.error.txt` and the grid goes on. Returns the cell ids by outcome:
+  {'skipped', 'done', 'failed'}."""
+  results_dir = Path(results_dir)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  outcome: dict[str, list[str]] = {"skipped": [], "done": [], "failed": []}
+  bar = tqdm(cells, desc="grid", disable=not progress)
+  for cell in bar:
+    cid = cell_id(cell)
+    bar.set_postfix_str(cid)
+    path = record_path(results_dir, cell)
+    err_path = results_dir / f"{cid}.error.txt"
+    status = record_status(path, experiment_config(cell, overrides))
+    if status == "done":
+      outcome["skipped"].append(cid)
+      continue
+    if status != "missing":
+      tqdm.write(f"{cid}: the record {path} is not usable ({status}); redoing the cell")
+    try:
+      run_cell(cell, data_dir, ckpt_root, results_dir, overrides=overrides,
+               cache_dir=cache_dir, progress=progress)
+    except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
+      err_path.write_text(traceback.format_exc())
+      tqdm.write(f"{cid}: FAILED ({type(e).__name__}: {e}); traceback in {err_path}")
+      outcome["failed"].append(cid)
+      continue
+    err_path.unlink(missing_ok=True)
+    outcome["done"].append(cid)
+  return outcome

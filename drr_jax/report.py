@@ -1,0 +1,275 @@
+"""Tables and figures of an experiment grid, from its records alone (issue 5).
+
+`table.md`: the paper's Table 1 layout (rows = attacks, per model: backdoored and DRR
+ACC/ASR on the test set, in %, and an average row), one table per poison ratio, then a
+row per cell with its times and what DRR projected. `fig_C_per_layer.png`: C of
+Assumption 2 at every layer. `fig_tau_sweep.png`: validation ACC/ASR against tau.
+Everything is sorted and dated from the records, never from the clock, so the same
+records always give the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from drr_jax.experiment import check_record
+
+CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
+          "the PNG originals.")
+MODEL_ORDER = ("resnet18", "wrn28_1", "densenet121")
+MODEL_NAMES = {"resnet18": "ResNet-18", "wrn28_1": "WRN-28-1", "densenet121": "DenseNet-121"}
+ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "none")
+ATTACK_NAMES = {"badnets": "BadNets (all-to-one)", "badnets_a2a": "BadNets (all-to-all)",
+                "blended": "Blended", "none": "No attack"}
+C_REFERENCE = 5.0  # the dashed line of fig_C_per_layer
+
+
+def _rank(order: Sequence[str], name: str) -> int:
+  return order.index(name) if name in order else len(order)
+
+
+def model_key(rec: dict[str, Any]) -> tuple[int, str, float]:
+  c = rec["cell"]
+  return (_rank(MODEL_ORDER, c["model"]), c["model"], float(c["width"]))
+
+
+def model_label(key: tuple[int, str, float]) -> str:
+  _, name, width = key
+  label = MODEL_NAMES.get(name, name)
+  return label if width == 1.0 else f"{label} x{width:g}"
+
+
+def attack_key(rec: dict[str, Any]) -> tuple[int, str, float]:
+  c = rec["cell"]
+  return (_rank(ATTACK_ORDER, c["attack"]), c["attack"], -float(c["poison_ratio"]))
+
+
+def attack_label(key: tuple[int, str, float], with_ratio: bool = False) -> str:
+  _, name, neg_ratio = key
+  label = ATTACK_NAMES.get(name, name)
+  return f"{label}, {-100 * neg_ratio:g} %" if with_ratio else label
+
+
+def load_records(results_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+  """The usable records of a results folder, sorted by (model, attack, ratio, seed), and
+  a warning for each *.json that was skipped."""
+  records, warnings = [], []
+  for path in sorted(Path(results_dir).glob("*.json")):
+    try:
+      rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+      warnings.append(f"{path.name}: skipped, cannot parse ({type(e).__name__}: {e})")
+      continue
+    problem = check_record(rec)
+    if problem:
+      warnings.append(f"{path.name}: skipped, {problem}")
+      continue
+    records.append(rec)
+  records.sort(key=lambda r: (model_key(r), attack_key(r), r["cell"]["seed"], r["cell_id"]))
+  return records, warnings
+
+
+def _pct(x: float | None) -> str:
+  return "–" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+  vals = [v for v in values if v is not None and math.isfinite(v)]
+  return float(np.mean(vals)) if vals else None
+
+
+def _commit(rec: dict[str, Any]) -> str:
+  git = rec.get("git") or {}
+  sha = git.get("commit", "unknown")[:10]
+  return sha + (" (with uncommitted changes)" if git.get("dirty") else "")
+
+
+def provenance(records: Sequence[dict[str, Any]]) -> list[str]:
+  """Header lines: dates, machines and commits from the records, and the data caveat."""
+  dates = sorted({r["date"][:10] for r in records})
+  machines = sorted({r["machine"] for r in records})
+  commits = sorted({_commit(r) for r in records})
+  when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+  return [(f"{len(records)} record(s), run {when} (UTC) on {'; '.join(machines)}; "
+           f"code {', '.join(commits)}."),
+          f"Data: {CAVEAT}"]
+
+
+def table1(records: Sequence[dict[str, Any]], ratio: float) -> str:
+  """Table 1 at one poison ratio: a row per attack, per model backdoored and DRR ACC/ASR
+  (test set, %, mean over seeds), and the per-model average of the rows."""
+  recs = [r for r in records if float(r["cell"]["poison_ratio"]) == ratio]
+  models = sorted({model_key(r) for r in recs})
+  attacks = sorted({attack_key(r) for r in recs})
+  cells: dict[tuple, list[dict]] = defaultdict(list)
+  for r in recs:
+    cells[model_key(r), attack_key(r)].append(r)
+  fields = [("before", "acc"), ("before", "asr"), ("after", "acc"), ("after", "asr")]
+  head = ["Attack"] + [f"{model_label(m)}: {h}" for m in models
+                       for h in ("Backdoored ACC", "Backdoored ASR", "DRR ACC", "DRR ASR")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  columns: dict[tuple, list[float | None]] = defaultdict(list)
+  for a in attacks:
+    row = [attack_label(a)]
+    for m in models:
+      group = cells.get((m, a), [])
+      for when, metric in fields:
+        v = _mean([g[when]["test"][metric] for g in group]) if group else None
+        columns[m, when, metric].append(v)
+        row.append(_pct(v))
+    lines.append("| " + " | ".join(row) + " |")
+  avg = ["**Average**"] + [f"**{_pct(_mean(columns[m, w, k]))}**" for m in models
+                           for w, k in fields]
+  lines.append("| " + " | ".join(avg) + " |")
+  several = sorted(f"{model_label(m)} / {attack_label(a)}: {len(g)}"
+                   for (m, a), g in cells.items() if len(g) > 1)
+  if several:
+    lines += ["", f"Means over seeds ({'; '.join(several)})."]
+  return "\n".join(lines)
+
+
+def cell_table(records: Sequence[dict[str, Any]]) -> str:
+  """One row per record: validation ACC/ASR before -> after, what DRR projected, times."""
+  head = ["cell", "val ACC", "val ASR", "directions (layers)", "train s", "plain pass s",
+          "DRR s", "analysis s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in records:
+    b, a, t, d = r["before"]["val"], r["after"]["val"], r["times"], r["drr"]
+    layers = ", ".join(f"`{n}`" for n in d.get("layers_projected", [])) or "none"
+    sec = lambda k, t=t: f"{t[k]:.0f}" if t.get(k) is not None else "–"
+    reused = " (reused)" if (r.get("checkpoint") or {}).get("reused") else ""
+    lines.append(
+        f"| {r['cell_id']} | {_pct(b['acc'])} -> {_pct(a['acc'])} | "
+        f"{_pct(b['asr'])} -> {_pct(a['asr'])} | {d.get('directions_kept', 0)} ({layers}) | "
+        f"{sec('train_seconds')}{reused} | {sec('plain_pass_seconds')} | "
+        f"{sec('defense_seconds')} | {sec('analysis_seconds')} |")
+  return "\n".join(lines)
+
+
+def markdown(records: Sequence[dict[str, Any]]) -> str:
+  """The whole table.md."""
+  out = ["# DRR on the experiment grid", ""] + provenance(records) + [""]
+  out.append("Test set, in %; ASR over the test images whose label differs from the "
+             "attack's target. Backdoored = the trained model, DRR = after `drr_jax.defend` "
+             "(settings in each record's `config.drr`).")
+  for ratio in sorted({float(r["cell"]["poison_ratio"]) for r in records}, reverse=True):
+    out += ["", f"## Poison ratio {100 * ratio:g} %", "", table1(records, ratio)]
+  out += ["", "## Per cell", "",
+          "Validation split. Seconds: training from the checkpoint's per-epoch history "
+          "('reused': trained by an earlier run, whose machine the checkpoint does not "
+          "record), the rest on the record's machine; a plain pass is one inference pass "
+          "over the training images (with compilation); analysis includes its own feature "
+          "pass.", "", cell_table(records), ""]
+  return "\n".join(out)
+
+
+def _style(records: Sequence[dict[str, Any]]):
+  """A color per attack, a marker and line style per poison ratio, by sorted order."""
+  import matplotlib.pyplot as plt
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  attacks = sorted({attack_key(r)[:2] for r in records})
+  ratios = sorted({float(r["cell"]["poison_ratio"]) for r in records}, reverse=True)
+  color = {a: palette[i % len(palette)] for i, a in enumerate(attacks)}
+  marker = {q: "osv^D"[i % 5] for i, q in enumerate(ratios)}
+  line = {q: ("-", "--", ":", "-.")[i % 4] for i, q in enumerate(ratios)}
+  seeds = len({r["cell"]["seed"] for r in records}) > 1
+
+  def style(r):
+    label = attack_label(attack_key(r), with_ratio=True)
+    if seeds:
+      label += f", seed {r['cell']['seed']}"
+    ratio = float(r["cell"]["poison_ratio"])
+    return {"color": color[attack_key(r)[:2]], "marker": marker[ratio], "ls": line[ratio],
+            "label": label, "markersize": 4}
+  return style
+
+
+def _by_model(records):
+  groups: dict[tuple, list] = defaultdict(list)
+  for r in records:
+    groups[model_key(r)].append(r)
+  return sorted(groups.items())
+
+
+def _save(fig, path: Path) -> None:
+  # no Software/date metadata: the same records give the same bytes
+  fig.savefig(path, dpi=120, metadata={"Software": None})
+
+
+def fig_c_per_layer(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+  """One panel per model: C of Assumption 2 at each layer (forward order), log scale."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+  groups = _by_model(records)
+  style = _style(records)
+  fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+  for ax, (m, recs) in zip(axes[0], groups, strict=True):
+    for r in recs:
+      layers = r["analysis"]["layers"]
+      x = [e["index"] for e in layers]
+      y = [e["C"] if e["C"] is not None and e["C"] > 0 else np.nan for e in layers]
+      ax.plot(x, y, lw=1, **style(r))
+    ax.axhline(C_REFERENCE, color="gray", ls="--", lw=1, label=f"C = {C_REFERENCE:g}")
+    ax.set_yscale("log")
+    ax.set_title(model_label(m))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (forward order)")
+    ax.set_ylabel("C of Assumption 2")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, Path(path))
+  plt.close(fig)
+
+
+def fig_tau_sweep(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+  """Per model: validation ACC and ASR (%) after folding every direction above tau."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = _by_model(records)
+  style = _style(records)
+  fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.6 * len(groups)), squeeze=False)
+  for (ax_acc, ax_asr), (m, recs) in zip(axes, groups, strict=True):
+    for r in recs:
+      sweep = r["analysis"]["tau_sweep"]
+      taus = [s["tau"] for s in sweep]
+      for ax, key in ((ax_acc, "acc"), (ax_asr, "asr")):
+        ax.plot(taus, [100 * s[key] if s[key] is not None else np.nan for s in sweep],
+                lw=1, **style(r))
+    for ax, key in ((ax_acc, "ACC"), (ax_asr, "ASR")):
+      ax.set_title(f"{model_label(m)}: validation {key}")
+      ax.set_xlabel("tau (skewness threshold)")
+      ax.set_ylabel(f"{key} (%)")
+      ax.set_ylim(-2, 102)
+      ax.grid(True, alpha=0.3)
+    ax_asr.legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, Path(path))
+  plt.close(fig)
+
+
+def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+                 ) -> tuple[dict[str, Path], list[str]]:
+  """Writes table.md and both figures for the records in results_dir (to out_dir, by
+  default the same folder); returns their paths and the warnings about skipped files."""
+  records, warnings = load_records(results_dir)
+  if not records:
+    raise ValueError(f"no usable record in {results_dir}" +
+                     (": " + "; ".join(warnings) if warnings else ""))
+  out = Path(out_dir if out_dir is not None else results_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  paths = {"table": out / "table.md", "fig_C": out / "fig_C_per_layer.png",
+           "fig_tau": out / "fig_tau_sweep.png"}
+  paths["table"].write_text(markdown(records), encoding="utf-8")
+  fig_c_per_layer(records, paths["fig_C"])
+  fig_tau_sweep(records, paths["fig_tau"])
+  return paths, warnings

@@ -1,0 +1,53 @@
+"""Run an experiment grid: train (or reuse) -> evaluate -> DRR -> evaluate, one JSON
+record per cell under --results; re-run it after a kill to finish the missing cells.
+
+  python -m launch.experiment --grid cpu --data_dir ../shared/data
+  python -m launch.report --results results/cpu
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from drr_jax import data, experiment, grid
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[str]]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--grid", default="cpu", choices=tuple(grid.GRIDS), help="drr_jax/grid.py")
+  p.add_argument("--data_dir", help="folder with cifar10-{train,test}.zip "
+                 "(default: $DRR_DATA_DIR)")
+  p.add_argument("--ckpt_root", default=os.path.join("runs", "grid"),
+                 help="checkpoints go to <ckpt_root>/<cell_id>, and are reused from there")
+  p.add_argument("--results", help="folder for the records (default: results/<grid>)")
+  p.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                 help="run only cells whose id contains this (repeatable: any of them)")
+  p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                 help="DRR or analysis setting, e.g. --set drr.k=8 "
+                 "--set analysis.taus=[2.0,3.0]")
+  args = p.parse_args(argv)
+  try:
+    data_dir = data.resolve_data_dir(args.data_dir)
+  except data.DataError as e:
+    sys.exit(f"error: {e}")
+  cells = grid.get_grid(args.grid)
+  if args.only:
+    cells = [c for c in cells if any(s in grid.cell_id(c) for s in args.only)]
+    if not cells:
+      sys.exit(f"error: no cell of grid {args.grid!r} matches --only {args.only}")
+  for c in cells:  # a bad --set fails here, before hours of training
+    experiment.experiment_config(c, args.set)
+  results = args.results or os.path.join("results", args.grid)
+  print(f"grid {args.grid}: {len(cells)} cell(s) -> {results}", flush=True)
+  outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
+                                overrides=args.set)
+  print(f"done {len(outcome['done'])}, already done {len(outcome['skipped'])}, "
+        f"failed {len(outcome['failed'])} {outcome['failed']}")
+  if outcome["failed"]:
+    sys.exit(1)
+  return outcome
+
+
+if __name__ == "__main__":
+  main()

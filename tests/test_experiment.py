@@ -1,0 +1,194 @@
+"""The experiment-grid machinery (issue 5): the analysis on synthetic arrays, and the
+'tiny' grid end to end on fake zips (train -> DRR -> records -> resume -> report)."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+
+import numpy as np
+import pytest
+
+from drr_jax import analysis, experiment, grid, report
+from drr_jax import train as train_lib
+from launch import experiment as launch_experiment
+from launch import report as launch_report
+from tests.conftest import make_fake_zips
+
+# Small DRR and analysis settings: the point is the machinery, not the defense.
+TINY_SETS = ["--set", "drr.steps=20", "--set", "drr.confirm_samples=64",
+             "--set", "analysis.taus=[1.0,2.0,3.0]"]
+
+
+def _strict_json(text: str):
+  """json.loads that refuses NaN/Infinity (not JSON, though Python writes them)."""
+  def refuse(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_separation_constant_matches_the_analytic_value():
+  rng = np.random.default_rng(0)
+  c = 6
+  q, _ = np.linalg.qr(rng.normal(size=(c, c)))  # a rotation: eigenvalues stay put
+  s1 = np.diag([2.0, 1.0, 1.0, 0.5, 0.5, 0.2])
+  s2 = q @ np.diag([3.0, 0.3, 0.3, 0.3, 0.1, 0.1]) @ q.T
+  mu2 = np.array([3.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # ||mu1 - mu2||^2 = 10
+  benign = rng.multivariate_normal(np.zeros(c), s1, size=100_000)
+  poisoned = rng.multivariate_normal(mu2, s2, size=40_000)
+  stats = analysis.separation_stats(benign, poisoned)
+  assert stats["dist2"] == pytest.approx(10.0, rel=0.01)
+  assert stats["lambda_benign"] == pytest.approx(2.0, rel=0.03)
+  assert stats["lambda_poisoned"] == pytest.approx(3.0, rel=0.03)
+  assert analysis.separation_constant(benign, poisoned) == pytest.approx(10 / 3, rel=0.03)
+  # scale-free, as a ratio of squared distance and variance must be
+  assert analysis.separation_constant(7 * benign, 7 * poisoned) == pytest.approx(
+      stats["C"], rel=1e-9)
+  assert math.isnan(analysis.separation_constant(benign, poisoned[:1]))
+  with pytest.raises(ValueError, match="expected"):
+    analysis.separation_constant(benign, poisoned[:, :3])
+
+
+def test_frames_above_orthonormalizes_and_drops_duplicates():
+  e = np.eye(4)
+  near_dup = (e[:, 0] + 0.1 * e[:, 1]) / np.linalg.norm(e[:, 0] + 0.1 * e[:, 1])
+  dirs = {"a": {"frame": np.stack([e[:, 0], near_dup, e[:, 2]], 1),
+                "values": np.array([3.0, 2.5, 1.5])},
+          "b": {"frame": e[:, :1], "values": np.array([0.5])}}
+  frames = analysis.frames_above(dirs, 2.0)
+  assert list(frames) == ["a"] and frames["a"].shape == (4, 1)  # duplicate dropped
+  frames = analysis.frames_above(dirs, 1.0)
+  f = frames["a"]
+  assert f.shape == (4, 2) and np.allclose(f.T @ f, np.eye(2), atol=1e-6)
+  assert analysis.frames_above(dirs, 5.0) == {}
+
+
+def _check_record(rec: dict, cid: str) -> None:
+  assert rec["schema"] == experiment.SCHEMA and rec["status"] == "done"
+  assert rec["cell_id"] == cid and rec["config"]["drr"]["steps"] == 20
+  for when in ("before", "after"):
+    for split in ("val", "test"):
+      for k in ("acc", "asr"):
+        assert 0.0 <= rec[when][split][k] <= 1.0, (when, split, k)
+  assert rec["drr"]["layers"] and rec["drr"]["num_images"] == rec["data"]["num_train"]
+  layers = rec["analysis"]["layers"]
+  assert [e["index"] for e in layers] == list(range(len(layers)))
+  assert len(layers) == len(rec["drr"]["layers"]) + 1  # DRR skips the classifier
+  assert all(e["C"] is not None and e["C"] >= 0 and math.isfinite(e["top_criterion"])
+             for e in layers)
+  sweep = rec["analysis"]["tau_sweep"]
+  assert [s["tau"] for s in sweep] == [1.0, 2.0, 3.0]
+  kept = [s["kept"] for s in sweep]
+  assert kept == sorted(kept, reverse=True)  # a higher threshold keeps no more
+  assert all(0.0 <= s["acc"] <= 1.0 and 0.0 <= s["asr"] <= 1.0 for s in sweep)
+  for key in ("train_seconds", "plain_pass_seconds", "defense_seconds",
+              "analysis_seconds", "cell_wall_seconds"):
+    assert math.isfinite(rec["times"][key]) and rec["times"][key] >= 0, key
+  assert rec["machine"] and datetime.datetime.fromisoformat(rec["date"]).tzinfo
+
+
+def test_tiny_grid_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
+  monkeypatch.setenv("DRR_CACHE_DIR", str(tmp_path / "cache"))
+  data_dir, results, ckpts = tmp_path / "data", tmp_path / "results", tmp_path / "ckpt"
+  make_fake_zips(data_dir, per_class=30)  # 2 validation images of every class
+  argv = ["--grid", "tiny", "--data_dir", str(data_dir), "--ckpt_root", str(ckpts),
+          "--results", str(results), *TINY_SETS]
+  ids = [grid.cell_id(c) for c in grid.get_grid("tiny")]
+
+  # (b) the whole grid: one strict-JSON record per cell, with every field
+  out = launch_experiment.main(argv)
+  assert out == {"skipped": [], "done": ids, "failed": []}
+  paths = {cid: results / f"{cid}.json" for cid in ids}
+  for cid, path in paths.items():
+    rec = _strict_json(path.read_text())
+    _check_record(rec, cid)
+    assert rec["checkpoint"]["reused"] is False
+
+  # (c) a second run redoes nothing and trains nothing ...
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished checkpoint must be reused, not trained again")
+  monkeypatch.setattr(train_lib, "train", no_training)
+  stamps = {cid: p.stat().st_mtime_ns for cid, p in paths.items()}
+  assert launch_experiment.main(argv) == {"skipped": ids, "done": [], "failed": []}
+  assert {cid: p.stat().st_mtime_ns for cid, p in paths.items()} == stamps
+  # ... a truncated record is redone (from the cached checkpoint), the other kept
+  text = paths[ids[0]].read_text()
+  paths[ids[0]].write_text(text[:len(text) // 2])
+  assert launch_experiment.main(argv) == {"skipped": ids[1:], "done": ids[:1],
+                                          "failed": []}
+  redone = _strict_json(paths[ids[0]].read_text())
+  _check_record(redone, ids[0])
+  assert redone["checkpoint"]["reused"] is True
+  assert paths[ids[1]].stat().st_mtime_ns == stamps[ids[1]]
+
+  # records that must not be trusted: unfinished, another schema, another config
+  cfg = experiment.experiment_config(grid.get_grid("tiny")[0], TINY_SETS[1::2])
+  assert experiment.record_status(paths[ids[0]], cfg) == "done"
+  for change, expect in (({"status": "running"}, "invalid"), ({"schema": 0}, "invalid"),
+                         ({"config": {**cfg, "drr": {**cfg["drr"], "k": 2}}}, "stale")):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**redone, **change}))
+    assert experiment.record_status(bad, cfg).startswith(expect)
+  assert experiment.record_status(tmp_path / "absent.json", cfg) == "missing"
+
+  # (d) the report: Table 1 layout and both figures, byte-identical when re-run, and a
+  # broken file in the results folder is skipped
+  out_dir = tmp_path / "report"
+  written = launch_report.main(["--results", str(results), "--out", str(out_dir)])
+  table = written["table"].read_text(encoding="utf-8")
+  for part in ("| Attack | ResNet-18 x0.125: Backdoored ACC", "DRR ASR", "**Average**",
+               "BadNets (all-to-one)", "Blended", report.CAVEAT, redone["date"][:10],
+               "## Poison ratio 10 %"):
+    assert part in table, part
+  first = {k: p.read_bytes() for k, p in written.items()}
+  assert first["fig_C"][:8] == first["fig_tau"][:8] == b"\x89PNG\r\n\x1a\n"
+  (results / "junk.json").write_text("{\"schema\": 1, ")
+  again = launch_report.main(["--results", str(results), "--out", str(out_dir)])
+  assert {k: p.read_bytes() for k, p in again.items()} == first
+
+
+def test_failing_cells_are_logged_and_the_grid_goes_on(tmp_path, monkeypatch):
+  monkeypatch.setenv("DRR_CACHE_DIR", str(tmp_path / "cache"))
+  make_fake_zips(tmp_path / "data", per_class=30)
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("simulated crash")
+  monkeypatch.setattr(train_lib, "train", broken)
+  results = tmp_path / "results"
+  with pytest.raises(SystemExit) as exit_info:
+    launch_experiment.main(["--grid", "tiny", "--data_dir", str(tmp_path / "data"),
+                            "--ckpt_root", str(tmp_path / "ckpt"), "--results",
+                            str(results), *TINY_SETS])
+  assert exit_info.value.code == 1
+  for c in grid.get_grid("tiny"):  # both cells were tried
+    assert "simulated crash" in (results / f"{grid.cell_id(c)}.error.txt").read_text()
+    assert not (results / f"{grid.cell_id(c)}.json").exists()
+
+
+def test_experiment_cli_errors(tmp_path, monkeypatch):
+  monkeypatch.delenv("DRR_DATA_DIR", raising=False)
+  with pytest.raises(SystemExit, match="DRR_DATA_DIR"):
+    launch_experiment.main(["--grid", "tiny"])
+  (tmp_path / "data").mkdir()  # only its existence is checked before these errors
+  base = ["--grid", "tiny", "--data_dir", str(tmp_path / "data")]
+  with pytest.raises(KeyError, match="only"):
+    launch_experiment.main(base + ["--set", "training.train.epochs=2"])
+  with pytest.raises(KeyError, match="unknown key"):
+    launch_experiment.main(base + ["--set", "drr.kk=2"])
+  with pytest.raises(SystemExit, match="no cell"):
+    launch_experiment.main(base + ["--only", "densenet"])
+  with pytest.raises(SystemExit, match="no usable record"):
+    launch_report.main(["--results", str(tmp_path / "empty")])
+
+
+def test_grids_name_the_issue_cells():
+  cells = grid.get_grid("cpu")
+  ids = [grid.cell_id(c) for c in cells]
+  assert len(set(ids)) == len(ids) == 10  # 2 models x 3 attacks + 2 attacks x 2 ratios
+  assert "wrn28_1-badnets-p10-s0" in ids and "resnet18x0.25-blended-p10-s0" in ids
+  assert {"wrn28_1-blended-p1-s0", "wrn28_1-badnets-p5-s0"} <= set(ids)
+  cfg = grid.cell_config(cells[0])
+  assert cfg["model"] == {"name": "resnet18", "width": 0.25}
+  assert cfg["train"]["epochs"] == 12 and cfg["preset"] == "cpu"
+  with pytest.raises(ValueError, match="unknown grid"):
+    grid.get_grid("huge")
