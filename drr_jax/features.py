@@ -118,8 +118,13 @@ def pool(feature: jax.Array, pooling: str) -> jax.Array:
 
 
 def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
-              layers: tuple[str, ...] | None = None) -> Callable:
-  """A jitted f(variables, images) -> {layer: (rows, C) float32} for the chosen layers."""
+              layers: tuple[str, ...] | None = None, with_means: bool = False
+              ) -> Callable:
+  """A jitted f(variables, images) -> {layer: (rows, C) float32} for the chosen layers.
+
+  With `with_means`, f returns (pooled, means): means[layer] is each image's (N, C)
+  spatial mean, whose average over a data set is the feature's mean at every position.
+  """
   if pooling not in POOLINGS:
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
@@ -129,7 +134,11 @@ def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
     else:
       _, found = capture_fn(model, variables, images, outputs=outputs)
     keep = found if layers is None else {k: found[k] for k in layers}
-    return {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
+    pooled = {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
+    if not with_means:
+      return pooled
+    means = {k: pool(v, "mean").astype(jnp.float32) for k, v in keep.items()}
+    return pooled, means
 
   return jax.jit(f)
 

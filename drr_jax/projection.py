@@ -14,8 +14,9 @@ Layers are named as in `drr_jax.features` ('stage2_block1/conv1').
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +136,128 @@ def fold(params: Any, frames: Mapping[str, jax.Array], side: str = "input") -> A
         updates[bias_path] = new_bias
   return jax.tree_util.tree_map_with_path(
       lambda path, leaf: updates.get(_path_keys(path), leaf), params)
+
+
+# --- Mean-preserving removal -------------------------------------------------------------
+# Zeroing a direction (x P) also moves the feature's mean, mu -> mu P, and every later
+# BatchNorm then normalizes with stale statistics. Replacing the component by its mean,
+# x -> x - (x - mu) V V^T = x P + mu V V^T, keeps the average activation. The extra term is
+# a constant: it is folded into the layer's bias when it has one, and otherwise into the
+# running means of the BatchNorms that it reaches unchanged (`absorb_shifts`).
+
+
+def mean_shift(kernel: jax.Array, frame: jax.Array, mean: jax.Array, side: str = "input"
+               ) -> jax.Array:
+  """(C_out,) constant that mean replacement adds to the layer's output.
+
+  side 'input': the (unprojected) kernel applied to mu V V^T, summed over a conv's taps
+  (exact away from zero-padded borders, where a conv sees fewer taps); 'output': mu V V^T.
+  `mean` is the feature's mean over images and positions, (C,) on the projected side.
+  """
+  frame = _as_frame(frame).astype(jnp.float32)
+  c = jnp.asarray(mean, jnp.float32) @ frame @ frame.T
+  if side == "output":
+    return c
+  k = jnp.asarray(kernel, jnp.float32)
+  per_tap = jnp.tensordot(c, k, axes=([0], [k.ndim - 2]),
+                          precision=jax.lax.Precision.HIGHEST)
+  return per_tap.reshape(-1, k.shape[-1]).sum(0)
+
+
+def _shifted_run(apply_fn, variables, images, shifts):
+  """Logits and {module path: (kind, first input)} for BatchNorms and layers, in call
+  order, with shifts[layer] added to the named layers' outputs."""
+  inputs: dict[tuple, tuple[str, jax.Array]] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = tuple(context.module.scope.path)
+    if path not in inputs:
+      if isinstance(context.module, nn.BatchNorm):
+        inputs[path] = ("bn", args[0])
+      elif features.is_layer(context.module):
+        inputs[path] = ("layer", args[0])
+    out = next_fun(*args, **kwargs)
+    name = "/".join(path)
+    if name in shifts and features.is_layer(context.module):
+      out = out + shifts[name]
+    return out
+
+  with nn.intercept_methods(interceptor):
+    logits = apply_fn(variables, images)
+  return logits, inputs
+
+
+def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
+                  shifts: Mapping[str, jax.Array], probe: jax.Array, *,
+                  tol: float = 1e-4, max_passes: int = 512) -> tuple[dict[str, Any], bool]:
+  """Variables whose network equals this one with shifts[layer] added to each layer's
+  output at every position; (variables, True), or (variables unchanged, False) where a
+  shift cannot be folded exactly (e.g. it meets a nonlinearity first).
+
+  A layer with a bias takes its own shift. Otherwise the shift travels (through residual
+  additions, concatenations, poolings) to the modules that read it, found by running the
+  network on `probe` images: the first BatchNorm or biased dense (or 1x1 conv) layer,
+  in call order, whose input differs from the shifted network's by a per-channel
+  constant delta takes it (running mean - delta; bias + delta W), and the search
+  repeats until the logits agree.
+  """
+  apply_fn = features.as_apply_fn(model)
+  variables = dict(variables)
+  params = traverse_util.flatten_dict(dict(variables["params"]))
+  pending = {}
+  for name, s in shifts.items():
+    bias_path = features.kernel_path(name)[:-1] + ("bias",)
+    if bias_path in params:
+      params[bias_path] = (params[bias_path] + s).astype(params[bias_path].dtype)
+    else:
+      pending[name] = jnp.asarray(s, jnp.float32)
+  stats = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
+
+  def build():
+    out = {**variables, "params": _like(variables["params"], params)}
+    if stats:
+      out["batch_stats"] = _like(variables["batch_stats"], stats)
+    return out
+
+  if not pending:
+    return build(), True
+  target, target_in = _shifted_run(apply_fn, variables, probe, pending)
+  scale = max(1.0, float(jnp.max(jnp.abs(target))))
+  fixed = set()  # modules that took a constant: their input still differs, not their output
+  for _ in range(max_passes):
+    current = build()
+    logits, inputs = _shifted_run(apply_fn, current, probe, {})
+    if float(jnp.max(jnp.abs(logits - target))) <= tol * scale:
+      return current, True
+    for path, (kind, u) in inputs.items():  # call order: fix the first one that differs
+      if path in fixed:
+        continue
+      diff = target_in[path][1] - u
+      size = max(1.0, float(jnp.max(jnp.abs(u))))
+      if float(jnp.max(jnp.abs(diff))) <= tol * size:
+        continue
+      delta = jnp.mean(diff.reshape(-1, diff.shape[-1]), axis=0)
+      if float(jnp.max(jnp.abs(diff - delta))) > tol * size:
+        return variables, False
+      mean_path, bias_path = path + ("mean",), path + ("bias",)
+      kernel = params.get(path + ("kernel",))
+      if kind == "bn" and mean_path in stats:
+        stats[mean_path] = stats[mean_path] - delta.astype(stats[mean_path].dtype)
+      elif (kind == "layer" and bias_path in params and kernel is not None
+            and all(d == 1 for d in kernel.shape[:-2])):
+        w = kernel.reshape(kernel.shape[-2:])
+        params[bias_path] = (params[bias_path] + delta @ w).astype(params[bias_path].dtype)
+      else:
+        return variables, False
+      fixed.add(path)
+      break
+    else:
+      return variables, False
+  return variables, False
+
+
+def _like(tree: Any, flat: dict[tuple, Any]) -> Any:
+  """`flat` (a flattened copy of tree, some leaves replaced) in tree's structure and kind."""
+  return jax.tree_util.tree_map_with_path(lambda p, leaf: flat[_path_keys(p)], tree)

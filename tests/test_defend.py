@@ -211,3 +211,30 @@ def test_rounds_revisit_a_layer_only_while_directions_are_kept():
   assert report["feature_passes"] == 2
   with pytest.raises(DefenseError, match="rounds"):
     defend(Linear(), v, x.reshape(4000, 3, 2, 2), config={"rounds": 0}, progress=False)
+
+
+def test_keep_mean_restores_the_benign_value_where_zeroing_breaks_a_class():
+  # coordinate 10 has a benign mean of 5 that class 0 relies on (its bias cancels 3 * 5):
+  # zeroing the backdoor direction takes class 0 away; replacing it by the benign mean
+  # (the mean outside the skewed tail) keeps every clean prediction.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] = 5.0 + 0.05 * x[:, 10]
+  x[:400, 10] += 12.0
+  v = _linear_params()
+  v["params"]["cls"]["bias"] = jnp.asarray([-15.0] + [0.0] * 9)
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000}
+  images = x.reshape(4000, 3, 2, 2)
+  truth = np.argmax(x[:, :10], -1)
+  acc = lambda variables, rows: np.mean(truth[rows] == np.argmax(np.asarray(
+      Linear().apply(variables, images[rows])), -1))
+  clean = slice(400, 4000)
+  assert acc(v, clean) > 0.97 and acc(v, slice(0, 400)) < 0.2
+  kept, report = defend(Linear(), v, images, config=cfg, progress=False)
+  zeroed, _ = defend(Linear(), v, images, config={**cfg, "keep_mean": False},
+                     progress=False)
+  assert report["layers"][0]["kept"] == 1 and report["layers"][0]["checks"][0]["mean_kept"]
+  assert acc(kept, clean) > 0.97 and acc(kept, slice(0, 400)) > 0.9
+  assert acc(zeroed, clean) < 0.93  # class 0 is gone
+  with pytest.raises(DefenseError, match="direction"):
+    defend(Linear(), v, images, config={"direction": "mean"}, progress=False)

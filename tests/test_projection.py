@@ -250,3 +250,98 @@ def test_bad_inputs_raise_naming_the_layer(small, frames, side, match):
   _, variables = small
   with pytest.raises(ValueError, match=match):
     pj.fold(variables["params"], frames, side)
+
+
+# --- mean-preserving removal: the constant folded into biases and BatchNorm means -------
+
+def _shifted(model, variables, x, shifts):
+  """Reference: the network with shifts[layer] added to each layer's output at run time."""
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    name = "/".join(context.module.scope.path)
+    if context.method_name == "__call__" and name in shifts and features.is_layer(
+        context.module):
+      out = out + shifts[name]
+    return out
+  with nn.intercept_methods(interceptor):
+    return model.apply(variables, x, train=False)
+
+
+@pytest.mark.parametrize("fixture,layer", [
+    ("wrn", "stage2_block2/conv2"),   # output joins the residual stream: later BNs absorb
+    ("wrn", "stage3_block1/conv1"),   # output goes straight into bn2
+    ("resnet", "stage2_block1/shortcut_conv"),  # conv -> BN in a post-activation net
+    ("small", "conv2"),               # no BN after it: spatial mean -> Dense bias absorbs
+    ("small", "conv1"),               # has its own bias
+])
+def test_absorb_shifts_equals_the_shifted_network(request, fixture, layer):
+  model, variables = request.getfixturevalue(fixture)
+  cout = features.layer_kernels(variables["params"])[layer].shape[-1]
+  shift = jnp.asarray(np.random.default_rng(5).normal(size=cout), jnp.float32)
+  new, ok = pj.absorb_shifts(model, variables, {layer: shift}, _images(7, 2))
+  assert ok
+  x = _images(8)  # other images than the probe
+  want = _shifted(model, variables, x, {layer: shift})
+  got = model.apply(new, x, train=False)
+  plain = model.apply(variables, x, train=False)
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, scale), rtol=0)
+  assert float(jnp.max(jnp.abs(plain - want))) > 1e-2 * max(1.0, scale)
+  assert jax.tree.structure(new) == jax.tree.structure(dict(variables))
+
+
+class ReluAfter(nn.Module):
+  """A bias-free conv whose output meets a ReLU before anything could absorb a shift."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(images.astype(jnp.float32) / 255.0)
+    return nn.Dense(3, name="head")(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def test_absorb_shifts_reports_a_shift_it_cannot_fold():
+  model = ReluAfter()
+  variables = _random_variables(model, 4)
+  shift = jnp.ones(4, jnp.float32)
+  new, ok = pj.absorb_shifts(model, variables, {"conv": shift}, _images(1, 2))
+  assert not ok
+  chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new, variables)
+  assert all(jax.tree.leaves(chex_equal))
+
+
+def test_mean_shift_makes_mean_replacement_exact_for_a_dense_layer(small):
+  model, variables = small
+  rng = np.random.default_rng(6)
+  frame = _orthonormal(rng, 6, 2)
+  mu = jnp.asarray(rng.normal(size=6), jnp.float32)
+  kernel = variables["params"]["head"]["kernel"]
+  folded = {**variables, "params": pj.fold(variables["params"], {"head": frame})}
+  shift = pj.mean_shift(kernel, frame, mu, "input")
+  new, ok = pj.absorb_shifts(model, folded, {"head": shift}, _images(2, 2))
+  assert ok
+
+  def replace(next_fun, args, kwargs, context):  # x - (x - mu) V V^T at the head's input
+    if context.method_name == "__call__" and context.module.scope.path == ("head",):
+      h = args[0]
+      return next_fun(h - ((h - mu) @ frame) @ frame.T, *args[1:], **kwargs)
+    return next_fun(*args, **kwargs)
+
+  x = _images(9)
+  with nn.intercept_methods(replace):
+    want = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(model.apply(new, x, train=False), want, atol=1e-4)
+  zeroed = model.apply(folded, x, train=False)
+  assert float(jnp.max(jnp.abs(zeroed - want))) > 1e-3  # the constant mattered
+
+
+def test_mean_shift_of_a_conv_sums_the_kernel_taps():
+  rng = np.random.default_rng(7)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
+  frame = _orthonormal(rng, 5, 1)
+  mu = jnp.asarray(rng.normal(size=5), jnp.float32)
+  c = np.asarray(mu @ frame @ frame.T)
+  want = np.einsum("c,hwco->o", c, np.asarray(kernel))
+  np.testing.assert_allclose(pj.mean_shift(kernel, frame, mu, "input"), want, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(pj.mean_shift(kernel, _orthonormal(rng, 4, 2), jnp.zeros(4),
+                                           "output"), np.zeros(4), atol=0)

@@ -24,6 +24,8 @@ from drr_jax import evaluate, features, projection, stiefel
 
 SIDES = ("input", "output")
 MODES = ("sequential", "one_pass")
+DIRECTIONS = ("skew", "tail_mean")
+_PROBE = 4  # images on which mean shifts are traced to the BatchNorms that absorb them
 
 
 def default_config() -> dict[str, Any]:
@@ -35,6 +37,12 @@ def default_config() -> dict[str, Any]:
       "search": "multistart",  # 'joint' (St(C, k), Algorithm 1), 'greedy' (deflation) or
                                # 'multistart' (k independent ascents from the top axes)
       "tau": 2.0,              # keep a direction if its criterion exceeds tau
+      "direction": "tail_mean",  # what a kept candidate removes: 'skew' (the optimized
+                               # direction v) or 'tail_mean' (mean of v's skewed tail
+                               # minus the rest's: Theorem 1's d, which v approximates)
+      "keep_mean": True,       # replace the component by its benign mean (outside the
+                               # skewed tail) instead of zeroing it: x - (x - mu) V V^T,
+                               # the constant folded into biases / BatchNorm means
       "standardize": True,     # criterion = skewness m3 / m2^1.5 (scale-free), not raw m3
       "steps": 200,            # Cayley ascent steps
       "lr": 0.1,               # Cayley step size
@@ -69,6 +77,10 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
   if cfg["search"] not in stiefel.SEARCHES:
     raise DefenseError(f"search must be one of {tuple(stiefel.SEARCHES)}, got "
                        f"{cfg['search']!r}")
+  if cfg["direction"] not in DIRECTIONS:
+    raise DefenseError(f"direction must be one of {DIRECTIONS}, got {cfg['direction']!r}")
+  if not isinstance(cfg["keep_mean"], (bool, np.bool_)):
+    raise DefenseError(f"keep_mean must be True or False, got {cfg['keep_mean']!r}")
   if cfg["mode"] not in MODES:
     raise DefenseError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
   if cfg["pooling"] not in features.POOLINGS:
@@ -122,24 +134,30 @@ def _check_fit(model, variables, image_shape) -> None:
 
 def extract(model, variables, images: np.ndarray, layers: tuple[str, ...], *,
             outputs: bool, pooling: str, batch_size: int, progress: bool = True,
-            desc: str = "features") -> dict[str, np.ndarray]:
-  """Streams the images through the model; returns {layer: (rows, C)} on the host."""
-  fn = features.pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers)
+            desc: str = "features", with_means: bool = False):
+  """Streams the images through the model; returns {layer: (rows, C)} on the host, and
+  with `with_means` also {layer: (N, C)} each image's mean of the feature over positions."""
+  fn = features.pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers,
+                          with_means=True)
   chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+  mean_chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
   n = len(images)
   for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
     x = images[i:i + batch_size]
     m = len(x)
     if m < batch_size and n > batch_size:  # pad: one compiled program for every batch
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - m, 0)])
-    out = jax.device_get(fn(variables, x))
+    out, means = jax.device_get(fn(variables, x))
     for k, v in out.items():
       rows = v.shape[0] // len(x) * m
       chunks[k].append(v[:rows])
+      mean_chunks[k].append(means[k][:m])
   feats = {k: np.concatenate(v) for k, v in chunks.items()}
   for k, v in feats.items():
     if not np.all(np.isfinite(v)):
       raise DefenseError(f"the features of layer {k!r} contain NaN or Inf")
+  if with_means:
+    return feats, {k: np.concatenate(v) for k, v in mean_chunks.items()}
   return feats
 
 
@@ -147,6 +165,16 @@ def _layer_entry(name, x, result, keep, checks, seconds) -> dict[str, Any]:
   return {"layer": name, "channels": int(x.shape[1]), "rows": int(x.shape[0]),
           "criterion": [float(v) for v in np.asarray(result.values)],
           "kept": int(np.sum(keep)), "checks": checks, "seconds": seconds}
+
+
+def _skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """v oriented so that its projections skew to the right, and the per-image mask of the
+  skewed tail (some row of the image with z-score > tail_z along v)."""
+  proj = (x - x.mean(0)) @ v
+  sign = np.sign(np.mean(proj ** 3)) or 1.0
+  z = sign * proj / (proj.std() + 1e-12)
+  return sign * v, z.reshape(n, -1).max(1) > tail_z
 
 
 class _Confirmer:
@@ -160,26 +188,23 @@ class _Confirmer:
     self.idx = np.sort(np.random.default_rng(cfg["seed"]).choice(n, m, replace=False))
     self.images, self.model, self.cfg = images[self.idx], model, cfg
     self.batch = min(int(cfg["batch_size"]), m)
-    self._base_params, self._base = None, None
+    self._base_key, self._base = None, None
 
   def _predict(self, variables):
     return evaluate.predict(self.model, variables, self.images, self.batch, progress=False)
 
   def base(self, variables):
-    """Predictions of the network as it stands, recomputed only when its params change."""
-    if self._base_params is not variables["params"]:
-      self._base, self._base_params = self._predict(variables), variables["params"]
+    """Predictions of the network as it stands, recomputed only when its variables change."""
+    key = tuple(id(v) for v in variables.values())
+    if self._base_key != key:
+      self._base, self._base_key = self._predict(variables), key
     return self._base
 
-  def check(self, variables, params_with, x, v) -> dict[str, float]:
-    """Tail-flip statistics of direction v (a column) of features x (rows = images)."""
-    proj = (x - x.mean(0)) @ v
-    proj = proj * np.sign(np.mean(proj ** 3) or 1.0)  # orient the tail to the skew
-    z = proj / (proj.std() + 1e-12)
-    z = z.reshape(self.n, -1).max(1)  # one score per image (several rows: 'positions')
-    tail = z[self.idx] > self.cfg["tail_z"]
+  def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
+    """Tail-flip statistics of a trial network; tail: per-image mask over the defense set."""
+    tail = tail[self.idx]
     before = self.base(variables)
-    after = self._predict({**variables, "params": params_with})
+    after = self._predict(trial)
     changed = before != after
     flip = float(np.mean(changed[tail])) if tail.any() else 0.0
     return {"tail_frac": float(np.mean(tail)), "changed": float(np.mean(changed)),
@@ -223,17 +248,32 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   opt = {"steps": int(cfg["steps"]), "lr": float(cfg["lr"]),
          "standardize": bool(cfg["standardize"]), "search": cfg["search"]}
   ext = dict(outputs=outputs, pooling=cfg["pooling"], batch_size=int(cfg["batch_size"]),
-             progress=progress)
+             progress=progress, with_means=True)
   t_start = time.time()
   variables = dict(variables)
-  params = variables["params"]
   confirmer = _Confirmer(model, images, cfg) if cfg["confirm"] else None
+  probe = jnp.asarray(images[:_PROBE])
+  n = len(images)
 
-  def decide(name, x, res, base_params, prior=()):
-    """The directions of one layer to project, as an orthonormal (C, m) frame.
+  def project(current, name, v, mean):
+    """`current` with v (C, m) removed from layer `name`: zeroed, or replaced by its mean
+    (the constant folded exactly where the network allows; else zeroed). -> (vars, kept)"""
+    kernel = features.layer_kernels(current["params"])[name]
+    folded = {**current, "params": projection.fold(current["params"], {name: v},
+                                                   cfg["side"])}
+    if not cfg["keep_mean"]:
+      return folded, False
+    shift = projection.mean_shift(kernel, v, mean, cfg["side"])
+    absorbed, ok = projection.absorb_shifts(model, folded, {name: shift}, probe)
+    return (absorbed, True) if ok else (folded, False)
 
-    Candidates are the columns with criterion > tau, taken by decreasing criterion, each
-    made orthogonal to those already kept (a column mostly inside their span is a
+  def decide(name, x, res, base, image_means, prior=()):
+    """The directions of one layer to project, as an orthonormal (C, m) frame, and the
+    network with them removed.
+
+    Candidates are the columns with criterion > tau, by decreasing criterion; with
+    direction 'tail_mean' each is replaced by the mean difference of its skewed tail.
+    Each is made orthogonal to those already kept (one mostly inside their span is a
     duplicate and skipped). With confirmation, a candidate is kept only if removing it,
     on top of the directions kept before it, flips most of its tail.
     """
@@ -241,35 +281,46 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     keep = np.zeros(len(values), bool)
     kept: list[np.ndarray] = []
     checks = []
-    current = base_params
+    current = base
+    anchor = np.zeros(len(frame))  # sum of (benign mean . v) v over kept v: their values
     for j in np.argsort(-values):
       if not values[j] > cfg["tau"]:
         break
-      v = frame[:, j].astype(np.float64)
+      v, tail = _skewed_tail(x, frame[:, j].astype(np.float64), n, float(cfg["tail_z"]))
+      if cfg["direction"] == "tail_mean":
+        rows = np.repeat(tail, len(x) // n)
+        if rows.all() or not rows.any():
+          continue
+        v = x[rows].mean(0) - x[~rows].mean(0)
+        v = v / (np.linalg.norm(v) + 1e-30)
       for u in list(prior) + kept:  # orthogonal to what this layer already lost
         v = v - (u @ v) * u
       if np.linalg.norm(v) < 0.5:  # mostly a direction already kept
         continue
       v = v / np.linalg.norm(v)
+      # the benign value: the mean over images outside the tail (the suspected poison)
+      benign = image_means[~tail].mean(0).astype(np.float64)
+      trial, mean_kept = project(current, name, v[:, None].astype(np.float32), benign)
       if confirmer is not None:
-        trial = projection.fold(current, {name: v[:, None].astype(np.float32)}, cfg["side"])
-        stats = confirmer.check({**variables, "params": current}, trial, x, v)
+        stats = confirmer.check(current, trial, tail)
         stats["column"] = int(j)
+        stats["mean_kept"] = mean_kept
         checks.append(stats)
         # at least 10 tail images, so that a flip rate is more than a coin toss
         if not (stats["tail_flip"] >= cfg["min_tail_flip"]
                 and stats["tail_frac"] * len(confirmer.idx) >= 10):
           continue
-        current = trial
+      current = trial
       keep[j] = True
       kept.append(v)
+      anchor = anchor + (benign @ v) * v
     v_kept = np.stack(kept, 1).astype(np.float32) if kept else np.zeros((len(frame), 0),
                                                                         np.float32)
-    return v_kept, keep, checks
+    return v_kept, keep, checks, current, anchor
 
   entries, passes = [], 0
   if cfg["mode"] == "one_pass":
-    feats = extract(model, variables, images, tuple(order), **ext)
+    feats, means = extract(model, variables, images, tuple(order), **ext)
     passes = 1
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name in order:
@@ -287,12 +338,14 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     for name in tqdm(order, desc="confirm", disable=not progress, leave=False):
       res, dt = results[name]
       t0 = time.time()
-      v_kept, keep, checks = decide(name, feats[name], res, params)
+      v_kept, keep, checks, _, anchor = decide(name, feats[name], res, variables,
+                                               means[name])
       if keep.any():
-        frames[name] = v_kept
+        frames[name] = (v_kept, anchor)
       entries.append(_layer_entry(name, feats[name], res, keep, checks,
                                   dt + time.time() - t0))
-    params = projection.fold(params, frames, cfg["side"])
+    for name, (v, anchor) in frames.items():  # all from the original network's features
+      variables, _ = project(variables, name, v, anchor)
   else:
     feats, stale = None, True
     bar = tqdm(order, desc="DRR layers", disable=not progress)
@@ -301,8 +354,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       for _ in range(int(cfg["rounds"])):
         t0 = time.time()
         if stale:  # features of this and later layers, from the network as modified so far
-          feats = extract(model, {**variables, "params": params}, images,
-                          tuple(order[li:]), desc=f"features from {name}", **ext)
+          feats, means = extract(model, variables, images, tuple(order[li:]),
+                                 desc=f"features from {name}", **ext)
           passes += 1
           stale = False
         x = feats[name]
@@ -313,9 +366,9 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
           x = x - (x @ v) @ v.T
         res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
         prior = [u for v in removed for u in np.asarray(v, np.float64).T]
-        v_kept, keep, checks = decide(name, x, res, params, prior)
+        v_kept, keep, checks, variables, _ = decide(name, x, res, variables, means[name],
+                                                    prior)
         if keep.any():
-          params = projection.fold(params, {name: v_kept}, cfg["side"])
           removed.append(v_kept)
           stale = True
         entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
@@ -326,7 +379,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
             "directions_kept": sum(e["kept"] for e in entries),
             "layers_projected": [e["layer"] for e in entries if e["kept"]],
             "num_images": int(len(images)), "seconds": time.time() - t_start}
-  return {**variables, "params": params}, report
+  return variables, report
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -1,0 +1,82 @@
+"""Zeroing a direction (x - x v v^T, the paper's P) vs replacing it by its mean
+(x - (x - mu) v v^T) at one layer, applied explicitly by a Flax interceptor; several
+candidate directions. Validation split only."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drr_jax import attacks, checkpoint, datasets, evaluate, stiefel
+from drr_jax.defenses import drr
+
+T0 = time.time()
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--layer", required=True)
+  p.add_argument("--subset", type=int, default=10000)
+  args = p.parse_args()
+  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
+  cfg = meta["config"]
+  ds = datasets.load(cfg, None, test=False)
+  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
+  idx = np.sort(np.random.default_rng(0).choice(len(ds.train.labels), args.subset, False))
+  imgs = ds.train.images[idx]
+  is_poison = np.isin(idx, ds.train.poison_idx)
+  base = evaluate.predict(model, variables, imgs, progress=False)
+  x = drr.extract(model, variables, imgs, (args.layer,), outputs=False, pooling="max",
+                  batch_size=500, progress=False)[args.layer].astype(np.float64)
+  xm = drr.extract(model, variables, imgs[:2000], (args.layer,), outputs=False,
+                   pooling="mean", batch_size=500, progress=False)[args.layer]
+  mu_pos = xm.mean(0)
+  res = jax.device_get(stiefel.maximize(x, 16, steps=200, lr=0.1, standardize=True,
+                                        search="multistart"))
+  vals = np.asarray(res.values)
+  order = np.argsort(-vals)
+  xc = x - x.mean(0)
+  cands = {}
+  for r, j in enumerate(order[:4]):
+    v = np.asarray(res.frame)[:, j].astype(np.float64)
+    cands[f"skew#{r} ({vals[j]:.2f})"] = v[:, None]
+  v1 = cands[next(iter(cands))][:, 0]
+  pr = xc @ v1
+  pr *= np.sign(np.mean(pr ** 3))
+  tail = pr / pr.std() > 2
+  d = x[tail].mean(0) - x[~tail].mean(0)
+  cands["d (tail mean diff)"] = (d / np.linalg.norm(d))[:, None]
+  q, _ = np.linalg.qr(np.stack([v1, d], 1))
+  cands["[v1, d]"] = q
+  print(f"tail {tail.sum()} poisoned share {is_poison[tail].mean():.3f}", flush=True)
+
+  for name, frame in cands.items():
+    for mode in ("zero", "mean"):
+      fr = jnp.asarray(frame, jnp.float32)
+      mu = jnp.asarray(mu_pos if mode == "mean" else np.zeros_like(mu_pos), jnp.float32)
+
+      def icpt(next_fun, a, kw, ctx, fr=fr, mu=mu):
+        if ctx.method_name == "__call__" and "/".join(ctx.module.scope.path) == args.layer:
+          h = a[0]
+          h = h - ((h - mu) @ fr) @ fr.T
+          return next_fun(h, *a[1:], **kw)
+        return next_fun(*a, **kw)
+
+      def apply(v, im, icpt=icpt):
+        with nn.intercept_methods(icpt):
+          return model.apply(v, im, train=False)
+
+      m = evaluate.evaluate(apply, variables, ds.val, trigger, cfg["attack"], progress=False)
+      ch = evaluate.predict(apply, variables, imgs, progress=False) != base
+      print(f"{name:22s} {mode:4s} val ACC {m['acc']:.4f} ASR {m['asr']:.4f}  tail flip "
+            f"{ch[tail].mean():.3f} poison flip {ch[is_poison].mean():.3f} non-tail changed "
+            f"{ch[~tail].mean():.4f} [{time.time() - T0:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+  main()
