@@ -3,7 +3,11 @@
 For each conv/dense layer, first to last: take the feature matrix X of the (poisoned)
 data at that layer, find k orthonormal directions maximizing the third central moment of
 X v (`stiefel`), keep those whose criterion exceeds tau, and fold P = I - V V^T into the
-layer's kernel (`projection`). In the faithful 'sequential' mode the features of later
+layer's kernel (`projection`). By default (see the README for the evidence) a kept
+candidate v is replaced by the mean difference d of its skewed tail and the rest (the
+direction Theorem 1 says v approximates), confirmed by whether removing it flips its
+tail's predictions, and removed by replacing the component with its benign mean rather
+than zero, the constant folded into biases or BatchNorm running means. In the faithful 'sequential' mode the features of later
 layers come from the network as modified so far; they are re-extracted only after a
 layer was actually projected (before that, the original network's features are exact).
 The 'one_pass' mode takes every layer's features from the original network and
