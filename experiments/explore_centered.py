@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drr_jax import attacks, checkpoint, datasets, evaluate, stiefel
+import explore_common
+from drr_jax import evaluate, stiefel
 from drr_jax.defenses import drr
 
 T0 = time.time()
@@ -23,13 +24,8 @@ def main():
   p.add_argument("--layer", required=True)
   p.add_argument("--subset", type=int, default=10000)
   args = p.parse_args()
-  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
-  cfg = meta["config"]
-  ds = datasets.load(cfg, None, test=False)
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
-  idx = np.sort(np.random.default_rng(0).choice(len(ds.train.labels), args.subset, False))
-  imgs = ds.train.images[idx]
-  is_poison = np.isin(idx, ds.train.poison_idx)
+  model, variables, cfg, ds, trigger, imgs, is_poison = explore_common.load(
+      args.checkpoint, args.subset)
   base = evaluate.predict(model, variables, imgs, progress=False)
   x = drr.extract(model, variables, imgs, (args.layer,), outputs=False, pooling="max",
                   batch_size=500, progress=False)[args.layer].astype(np.float64)

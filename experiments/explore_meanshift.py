@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drr_jax import attacks, checkpoint, datasets, evaluate, features, stiefel
+import explore_common
+from drr_jax import evaluate, features, stiefel
 from drr_jax.defenses import drr
 
 T0 = time.time()
@@ -26,13 +27,8 @@ def main():
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--modes", default="zero,mean_in,mean_out")
   args = p.parse_args()
-  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
-  cfg = meta["config"]
-  ds = datasets.load(cfg, None, test=False)
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
-  idx = np.sort(np.random.default_rng(0).choice(len(ds.train.labels), args.subset, False))
-  imgs = ds.train.images[idx]
-  is_poison = np.isin(idx, ds.train.poison_idx)
+  model, variables, cfg, ds, trigger, imgs, is_poison = explore_common.load(
+      args.checkpoint, args.subset)
   base = evaluate.predict(model, variables, imgs, progress=False)
   kernels = features.layer_kernels(variables["params"])
   print(f"{args.checkpoint}: subset {args.subset}", flush=True)

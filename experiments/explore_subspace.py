@@ -13,7 +13,8 @@ import time
 import jax
 import numpy as np
 
-from drr_jax import attacks, checkpoint, datasets, evaluate, projection, stiefel
+import explore_common
+from drr_jax import evaluate, projection, stiefel
 from drr_jax.defenses import drr
 
 T0 = time.time()
@@ -31,15 +32,9 @@ def main():
   p.add_argument("--starts", type=int, default=16)
   p.add_argument("--max_dirs", type=int, default=8)
   args = p.parse_args()
-  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
-  cfg = meta["config"]
-  ds = datasets.load(cfg, None, test=False)
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
-  rng = np.random.default_rng(0)
-  idx = np.sort(rng.choice(len(ds.train.labels), args.subset, replace=False))
-  imgs = ds.train.images[idx]
-  is_poison = np.isin(idx, ds.train.poison_idx)
-  log(f"subset {len(idx)}, poisoned {is_poison.mean():.3f}")
+  model, variables, cfg, ds, trigger, imgs, is_poison = explore_common.load(
+      args.checkpoint, args.subset)
+  log(f"subset {len(imgs)}, poisoned {is_poison.mean():.3f}")
   x = drr.extract(model, variables, imgs, (args.layer,), outputs=False, pooling="max",
                   batch_size=500, progress=False)[args.layer].astype(np.float64)
   log(f"features {x.shape}")

@@ -8,7 +8,8 @@ import time
 import jax
 import numpy as np
 
-from drr_jax import attacks, checkpoint, datasets, evaluate, features, projection, stiefel
+import explore_common
+from drr_jax import evaluate, features, projection, stiefel
 from drr_jax.defenses import drr
 
 T0 = time.time()
@@ -23,13 +24,8 @@ def main():
   p.add_argument("--starts", type=int, default=4)
   p.add_argument("--side", default="input")
   args = p.parse_args()
-  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
-  cfg = meta["config"]
-  ds = datasets.load(cfg, None, test=False)
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
-  idx = np.sort(np.random.default_rng(0).choice(len(ds.train.labels), args.subset, False))
-  imgs = ds.train.images[idx]
-  is_poison = np.isin(idx, ds.train.poison_idx)
+  model, variables, cfg, ds, trigger, imgs, is_poison = explore_common.load(
+      args.checkpoint, args.subset)
   base = evaluate.predict(model, variables, imgs, progress=False)
   layers = args.layers or features.layer_order(model, variables, imgs.shape[1:])[:-1]
   print(f"{'layer':30s} skew   ACC    ASR   tail  tailpois flip  nontail_ch", flush=True)

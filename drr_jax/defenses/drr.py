@@ -199,8 +199,9 @@ class _Confirmer:
 
   def base(self, variables):
     """Predictions of the network as it stands, recomputed only when its variables change."""
-    key = tuple(id(v) for v in variables.values())
-    if self._base_key != key:
+    key = tuple(variables.values())  # held, so their ids cannot be reused meanwhile
+    if self._base_key is None or len(key) != len(self._base_key) or any(
+        a is not b for a, b in zip(key, self._base_key)):
       self._base, self._base_key = self._predict(variables), key
     return self._base
 
