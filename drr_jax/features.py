@@ -143,6 +143,28 @@ def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
   return jax.jit(f)
 
 
+def located_fn(model: nn.Module | Callable, layer: str, *, outputs: bool = False
+               ) -> Callable:
+  """A jitted f(variables, images, v) -> (N, C) float32: for each image, the feature of
+  `layer` at the spatial position where its projection on v (C,) is largest (a dense
+  layer's feature as it is). Where the max over positions mixes channels from different
+  places, this is the feature of one place: the one a local trigger lights up."""
+
+  def f(variables, images, v):
+    if isinstance(model, nn.Module):
+      _, found = capture(model, variables, images, outputs=outputs, train=False)
+    else:
+      _, found = capture_fn(model, variables, images, outputs=outputs)
+    x = found[layer].astype(jnp.float32)
+    if x.ndim == 2:
+      return x
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    at = jnp.argmax(rows @ v.astype(jnp.float32), axis=1)
+    return jnp.take_along_axis(rows, at[:, None, None], axis=1)[:, 0]
+
+  return jax.jit(f)
+
+
 def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> list[str]:
   """Layer names in the order the forward pass calls them (traced, not computed)."""
   order: list[str] = []

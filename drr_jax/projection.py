@@ -146,13 +146,16 @@ def fold(params: Any, frames: Mapping[str, jax.Array], side: str = "input") -> A
 # running means of the BatchNorms that it reaches unchanged (`absorb_shifts`).
 
 
-def mean_shift(kernel: jax.Array, frame: jax.Array, mean: jax.Array, side: str = "input"
-               ) -> jax.Array:
+def mean_shift(kernel: jax.Array, frame: jax.Array, mean: jax.Array, side: str = "input",
+               coverage: jax.Array | None = None) -> jax.Array:
   """(C_out,) constant that mean replacement adds to the layer's output.
 
-  side 'input': the (unprojected) kernel applied to mu V V^T, summed over a conv's taps
-  (exact away from zero-padded borders, where a conv sees fewer taps); 'output': mu V V^T.
-  `mean` is the feature's mean over images and positions, (C,) on the projected side.
+  side 'output': mu V V^T. side 'input': the (unprojected) kernel applied to mu V V^T,
+  summed over a conv's taps, each tap weighted by `coverage` (`tap_coverage`: the share of
+  output positions where it reads inside the zero-padded input) so that the constant is
+  the exact one's average over positions; without it every tap counts fully (exact away
+  from the border only). `mean` is the feature's mean over images and positions, (C,) on
+  the projected side.
   """
   frame = _as_frame(frame).astype(jnp.float32)
   c = jnp.asarray(mean, jnp.float32) @ frame @ frame.T
@@ -161,7 +164,45 @@ def mean_shift(kernel: jax.Array, frame: jax.Array, mean: jax.Array, side: str =
   k = jnp.asarray(kernel, jnp.float32)
   per_tap = jnp.tensordot(c, k, axes=([0], [k.ndim - 2]),
                           precision=jax.lax.Precision.HIGHEST)
+  if coverage is not None:
+    cov = jnp.asarray(coverage, jnp.float32)
+    if cov.shape != k.shape[:-2]:
+      raise ValueError(f"coverage of shape {cov.shape} does not fit a kernel of shape "
+                       f"{k.shape}")
+    per_tap = per_tap * cov[..., None]
   return per_tap.reshape(-1, k.shape[-1]).sum(0)
+
+
+def tap_coverage(model: nn.Module | Callable, variables: Mapping[str, Any], name: str,
+                 probe: jax.Array) -> np.ndarray | None:
+  """For conv layer `name`: the (kernel spatial shape) share of its output positions at
+  which each tap reads inside the input rather than the zero padding, as the layer runs
+  on `probe` (its strides, padding and dilation included); None for a dense layer (or a
+  layer that is not a `nn.Conv`)."""
+  found = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if (context.method_name == "__call__" and not found
+        and "/".join(context.module.scope.path) == name):
+      found["module"] = context.module.clone(parent=None)
+      found["shape"] = args[0].shape
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    features.as_apply_fn(model)(variables, probe[:1])
+  if not found:
+    raise ValueError(f"layer {name!r} is not called by the model")
+  module, shape = found["module"], found["shape"]
+  if not isinstance(module, nn.Conv) or len(shape) < 3:
+    return None
+  kernel_shape = features.layer_kernels(variables["params"])[name].shape[:-2]
+  taps = int(np.prod(kernel_shape))
+  onehot = jnp.eye(taps, dtype=jnp.float32).reshape(*kernel_shape, 1, taps)
+  probe_conv = module.clone(features=taps, use_bias=False, feature_group_count=1,
+                            dtype=jnp.float32, param_dtype=jnp.float32)
+  out = probe_conv.apply({"params": {"kernel": onehot}},
+                         jnp.ones((1,) + tuple(shape[1:-1]) + (1,), jnp.float32))
+  return np.asarray(out.reshape(-1, taps).mean(0).reshape(kernel_shape))
 
 
 def _shifted_run(apply_fn, variables, images, shifts):

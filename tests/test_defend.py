@@ -238,3 +238,56 @@ def test_keep_mean_restores_the_benign_value_where_zeroing_breaks_a_class():
   assert acc(zeroed, clean) < 0.93  # class 0 is gone
   with pytest.raises(DefenseError, match="direction"):
     defend(Linear(), v, images, config={"direction": "mean"}, progress=False)
+
+
+class LocalTrigger(nn.Module):
+  """A 1x1 conv 'feat' (identity) over 3x3 maps of 12 channels, then the Linear head on
+  each channel's spatial max: class = argmax of channels 0-9, plus 3 x channel 10."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(12, (1, 1), name="feat")(x.astype(jnp.float32))
+    return nn.Dense(10, name="cls")(jnp.max(x, axis=(1, 2)))
+
+
+def _local_trigger_data(n=4000, poison=400, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 3, 3, 12)).astype(np.float32)
+  x[..., 10] *= 0.3
+  where = rng.integers(0, 9, poison)
+  x.reshape(n, 9, 12)[np.arange(poison), where, 10] += 12.0  # a local trigger
+  return x, where
+
+
+def _local_trigger_params():
+  p = _linear_params()
+  p["params"]["feat"]["kernel"] = jnp.eye(12).reshape(1, 1, 12, 12)
+  return p
+
+
+def test_located_fn_returns_each_images_feature_where_the_direction_fires():
+  x, where = _local_trigger_data(n=64, poison=64)
+  v = jnp.zeros(12).at[10].set(1.0)
+  rows = features.located_fn(LocalTrigger(), "feat")(_local_trigger_params(), x, v)
+  np.testing.assert_array_equal(np.asarray(rows), x.reshape(64, 9, 12)[np.arange(64), where])
+  dense = features.located_fn(Linear(), "cls")(_linear_params(), x[:4, :1, :1], v)
+  assert dense.shape == (4, 12)  # a dense layer's feature is returned as it is
+
+
+def test_locate_keeps_the_better_of_the_pooled_and_located_estimates():
+  x, _ = _local_trigger_data()
+  v = _local_trigger_params()
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000}
+  new, report = defend(LocalTrigger(), v, x, config=cfg, progress=False)
+  (entry,) = report["layers"]
+  check = entry["checks"][0]
+  assert entry["kept"] == 1
+  assert check["tail_flip"] == max(check["pooled_flip"], check["located_flip"]) > 0.75
+  truth = np.argmax(x[:400].reshape(400, 9, 12)[..., :10].max(1), -1)
+  pred = lambda variables: np.argmax(np.asarray(LocalTrigger().apply(variables, x[:400])), -1)
+  assert np.mean(pred(v) == truth) < 0.2 and np.mean(pred(new) == truth) > 0.9
+  _, plain = defend(LocalTrigger(), v, x, config={**cfg, "locate": False}, progress=False)
+  assert "located_flip" not in plain["layers"][0]["checks"][0]
+  for bad, match in (({"locate": 1}, "locate"), ({"mean_fit": "border"}, "mean_fit")):
+    with pytest.raises(DefenseError, match=match):
+      defend(LocalTrigger(), v, x, config=bad, progress=False)

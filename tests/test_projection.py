@@ -345,3 +345,55 @@ def test_mean_shift_of_a_conv_sums_the_kernel_taps():
                              atol=1e-5)
   np.testing.assert_allclose(pj.mean_shift(kernel, _orthonormal(rng, 4, 2), jnp.zeros(4),
                                            "output"), np.zeros(4), atol=0)
+
+
+class Strided(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), use_bias=False, name="same")(x.astype(jnp.float32))
+    x = nn.Conv(5, (3, 3), strides=2, name="down")(x)
+    x = nn.Conv(3, (2, 3), padding="VALID", name="valid")(x)
+    return nn.Dense(2, name="head")(x.reshape(len(x), -1))
+
+
+def _coverage_by_counting(size: int, k: int, stride: int, pad_lo: int, n_out: int):
+  """Per tap offset: the share of output positions whose input index is inside [0, size)."""
+  return np.array([np.mean([0 <= o * stride - pad_lo + t < size for o in range(n_out)])
+                   for t in range(k)])
+
+
+def test_tap_coverage_counts_the_taps_that_read_inside_the_input():
+  model = Strided()
+  x = jnp.zeros((1, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x)
+  rows = _coverage_by_counting(8, 3, 1, 1, 8)  # SAME, stride 1: one pad each side
+  np.testing.assert_allclose(pj.tap_coverage(model, variables, "same", x),
+                             np.outer(rows, rows), rtol=1e-6)
+  rows = _coverage_by_counting(8, 3, 2, 0, 4)  # SAME, stride 2 on 8: padded after only
+  np.testing.assert_allclose(pj.tap_coverage(model, variables, "down", x),
+                             np.outer(rows, rows), rtol=1e-6)
+  np.testing.assert_allclose(pj.tap_coverage(model, variables, "valid", x), np.ones((2, 3)))
+  assert pj.tap_coverage(model, variables, "head", x) is None
+  with pytest.raises(ValueError, match="not called"):
+    pj.tap_coverage(model, variables, "nope", x)
+
+
+def test_mean_shift_with_coverage_is_the_exact_constant_averaged_over_positions():
+  rng = np.random.default_rng(8)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
+  frame = _orthonormal(rng, 5, 2)
+  mu = jnp.asarray(rng.normal(size=5), jnp.float32)
+  c = mu @ frame @ frame.T  # what mean replacement adds at every input position
+  exact = jax.lax.conv_general_dilated(  # its response through zero padding
+      jnp.broadcast_to(c, (1, 8, 8, 5)), kernel, (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  model = Strided()
+  x = jnp.zeros((1, 8, 8, 3))
+  cov = pj.tap_coverage(model, model.init(jax.random.key(0), x), "same", x)
+  np.testing.assert_allclose(pj.mean_shift(kernel, frame, mu, "input", cov),
+                             exact.mean((0, 1, 2)), rtol=1e-5, atol=1e-5)
+  interior = pj.mean_shift(kernel, frame, mu, "input")
+  np.testing.assert_allclose(interior, exact[0, 4, 4], rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(interior - exact.mean((0, 1, 2))))) > 1e-3
+  with pytest.raises(ValueError, match="coverage"):
+    pj.mean_shift(kernel, frame, mu, "input", np.ones((2, 2)))

@@ -29,6 +29,7 @@ from drr_jax import evaluate, features, projection, stiefel
 SIDES = ("input", "output")
 MODES = ("sequential", "one_pass")
 DIRECTIONS = ("skew", "tail_mean")
+MEAN_FITS = ("average", "interior")
 _PROBE = 4  # images on which mean shifts are traced to the BatchNorms that absorb them
 
 
@@ -44,6 +45,13 @@ def default_config() -> dict[str, Any]:
       "direction": "tail_mean",  # what a kept candidate removes: 'skew' (the optimized
                                # direction v) or 'tail_mean' (mean of v's skewed tail
                                # minus the rest's: Theorem 1's d, which v approximates)
+      "locate": True,          # conv, 'tail_mean': for a confirmed candidate, also try the
+                               # tail mean of the feature at the position where it fires
+                               # most (a local trigger's place); keep whichever removal
+                               # flips more of the tail
+      "mean_fit": "average",   # a 3x3 conv's mean-replacement constant: its exact value
+                               # averaged over output positions ('average') or its value
+                               # away from the zero-padded border ('interior')
       "keep_mean": True,       # replace the component by its benign mean (outside the
                                # skewed tail) instead of zeroing it: x - (x - mu) V V^T,
                                # the constant folded into biases / BatchNorm means
@@ -83,8 +91,11 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
                        f"{cfg['search']!r}")
   if cfg["direction"] not in DIRECTIONS:
     raise DefenseError(f"direction must be one of {DIRECTIONS}, got {cfg['direction']!r}")
-  if not isinstance(cfg["keep_mean"], (bool, np.bool_)):
-    raise DefenseError(f"keep_mean must be True or False, got {cfg['keep_mean']!r}")
+  for key in ("keep_mean", "locate"):
+    if not isinstance(cfg[key], (bool, np.bool_)):
+      raise DefenseError(f"{key} must be True or False, got {cfg[key]!r}")
+  if cfg["mean_fit"] not in MEAN_FITS:
+    raise DefenseError(f"mean_fit must be one of {MEAN_FITS}, got {cfg['mean_fit']!r}")
   if cfg["mode"] not in MODES:
     raise DefenseError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
   if cfg["pooling"] not in features.POOLINGS:
@@ -205,15 +216,36 @@ class _Confirmer:
       self._base, self._base_key = self._predict(variables), key
     return self._base
 
+  def rows(self, variables, layer: str, v: np.ndarray, outputs: bool) -> np.ndarray:
+    """(m, C) float64: each confirmation image's feature of `layer` at its position where
+    the projection on v is largest (`features.located_fn`)."""
+    fn = features.located_fn(self.model, layer, outputs=outputs)
+    vj = jnp.asarray(v, jnp.float32)
+    out = []
+    for i in range(0, len(self.images), self.batch):
+      x = self.images[i:i + self.batch]
+      m = len(x)
+      if m < self.batch:  # pad: one compiled program for every batch
+        x = np.concatenate([x, np.repeat(x[-1:], self.batch - m, 0)])
+      out.append(np.asarray(fn(variables, x, vj))[:m])
+    return np.concatenate(out).astype(np.float64)
+
   def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
-    """Tail-flip statistics of a trial network; tail: per-image mask over the defense set."""
-    tail = tail[self.idx]
-    before = self.base(variables)
-    after = self._predict(trial)
-    changed = before != after
-    flip = float(np.mean(changed[tail])) if tail.any() else 0.0
-    return {"tail_frac": float(np.mean(tail)), "changed": float(np.mean(changed)),
-            "tail_flip": flip}
+    """Tail-flip statistics of a trial network; tail: per-image mask over the defense set.
+    Only the tail images are predicted by the trial (padded to whole batches, so one
+    compiled program serves every tail size)."""
+    rows = np.flatnonzero(tail[self.idx])
+    stats = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": 0.0}
+    if not len(rows):
+      return stats
+    before = self.base(variables)[rows]
+    images = self.images[rows]
+    pad = -len(rows) % self.batch
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+    after = evaluate.predict(self.model, trial, images, self.batch, progress=False)
+    stats["tail_flip"] = float(np.mean(before != after[:len(rows)]))
+    return stats
 
 
 def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any, *,
@@ -260,6 +292,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   probe = jnp.asarray(images[:_PROBE])
   n = len(images)
 
+  coverage: dict[str, Any] = {}
+
   def project(current, name, v, mean):
     """`current` with v (C, m) removed from layer `name`: zeroed, or replaced by its mean
     (the constant folded exactly where the network allows; else zeroed). -> (vars, kept)"""
@@ -268,9 +302,24 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
                                                    cfg["side"])}
     if not cfg["keep_mean"]:
       return folded, False
-    shift = projection.mean_shift(kernel, v, mean, cfg["side"])
+    if cfg["mean_fit"] == "average" and not outputs and name not in coverage:
+      coverage[name] = projection.tap_coverage(model, current, name, probe)
+    shift = projection.mean_shift(kernel, v, mean, cfg["side"], coverage.get(name))
     absorbed, ok = projection.absorb_shifts(model, folded, {name: shift}, probe)
     return (absorbed, True) if ok else (folded, False)
+
+  def located(base, name, v, tail, against):
+    """The tail-mean direction of the features at the position where v fires most, on
+    the confirmation images (orthonormal to `against`), or None when it is degenerate."""
+    rows = confirmer.rows(base, name, v, outputs)
+    t = tail[confirmer.idx]
+    if t.all() or not t.any():
+      return None
+    u = rows[t].mean(0) - rows[~t].mean(0)
+    for w in against:
+      u = u - (w @ u) * w
+    norm = np.linalg.norm(u)
+    return u / norm if norm > 1e-12 else None
 
   def decide(name, x, res, base, image_means, prior=()):
     """The directions of one layer to project, as an orthonormal (C, m) frame, and the
@@ -283,6 +332,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     on top of the directions kept before it, flips most of its tail.
     """
     values, frame = np.asarray(res.values), np.asarray(res.frame)
+    conv_layer = features.layer_kernels(base["params"])[name].ndim > 2
     keep = np.zeros(len(values), bool)
     kept: list[np.ndarray] = []
     checks = []
@@ -315,6 +365,16 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
         if not (stats["tail_flip"] >= cfg["min_tail_flip"]
                 and stats["tail_frac"] * len(confirmer.idx) >= 10):
           continue
+        if cfg["locate"] and cfg["direction"] == "tail_mean" and conv_layer:
+          alt = located(base, name, v, tail, list(prior) + kept)
+          if alt is not None:
+            alt_trial, alt_kept = project(current, name, alt[:, None].astype(np.float32),
+                                          benign)
+            alt_flip = confirmer.check(current, alt_trial, tail)["tail_flip"]
+            stats["pooled_flip"], stats["located_flip"] = stats["tail_flip"], alt_flip
+            if alt_flip > stats["tail_flip"]:
+              v, trial, mean_kept = alt, alt_trial, alt_kept
+              stats.update(tail_flip=alt_flip, located=True, mean_kept=alt_kept)
       current = trial
       keep[j] = True
       kept.append(v)
