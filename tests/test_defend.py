@@ -176,6 +176,8 @@ def test_confirmation_keeps_a_direction_that_decides_a_skewed_group():
   new, report = defend(Linear(), v, x.reshape(4000, 3, 2, 2), config=cfg, progress=False)
   (entry,) = report["layers"]
   assert entry["kept"] == 1 and entry["checks"][0]["tail_flip"] > 0.75, entry
+  (direction,) = np.asarray(entry["directions"])  # the removed unit vector: coordinate 10
+  assert abs(np.linalg.norm(direction) - 1) < 1e-6 and abs(direction[10]) > 0.95
   truth = np.argmax(x[:400, :10], -1)
   agree = lambda variables: np.mean(truth == np.argmax(np.asarray(
       Linear().apply(variables, x[:400].reshape(400, 3, 2, 2))), -1))

@@ -176,10 +176,12 @@ def extract(model, variables, images: np.ndarray, layers: tuple[str, ...], *,
   return feats
 
 
-def _layer_entry(name, x, result, keep, checks, seconds) -> dict[str, Any]:
+def _layer_entry(name, x, result, keep, checks, seconds, v_kept) -> dict[str, Any]:
+  """One layer's report; `directions` holds the removed unit vectors, one list each."""
   return {"layer": name, "channels": int(x.shape[1]), "rows": int(x.shape[0]),
           "criterion": [float(v) for v in np.asarray(result.values)],
-          "kept": int(np.sum(keep)), "checks": checks, "seconds": seconds}
+          "kept": int(np.sum(keep)), "checks": checks, "seconds": seconds,
+          "directions": np.asarray(v_kept, np.float64).T.tolist()}
 
 
 def _skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float
@@ -408,7 +410,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       if keep.any():
         frames[name] = (v_kept, anchor)
       entries.append(_layer_entry(name, feats[name], res, keep, checks,
-                                  dt + time.time() - t0))
+                                  dt + time.time() - t0, v_kept))
     for name, (v, anchor) in frames.items():  # all from the original network's features
       variables, _ = project(variables, name, v, anchor)
   else:
@@ -436,7 +438,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
         if keep.any():
           removed.append(v_kept)
           stale = True
-        entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0))
+        entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0, v_kept))
         bar.set_postfix(kept=sum(e["kept"] for e in entries))
         if not keep.any():  # nothing more to remove here: next layer
           break
