@@ -200,6 +200,40 @@ def test_confirmation_rejects_a_skewed_direction_the_model_ignores():
   assert plain["layers"][0]["kept"] == 1  # the paper's rule alone would project it
 
 
+class ClassReader(nn.Module):
+  """feat (identity) -> cls: class 0 only while coordinate 10 is high (its tail), and
+  the others tilted by coordinate 10 too, so that removing it moves many of them."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(len(x), -1).astype(jnp.float32)
+    return nn.Dense(10, name="cls")(nn.Dense(12, name="feat")(x))
+
+
+def test_confirmation_rejects_a_direction_whose_removal_moves_other_images():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.3
+  x[:400, 10] += 12.0  # a skewed group that coordinate 10 sends to class 0
+  v = _linear_params()
+  w = np.asarray(v["params"]["cls"]["kernel"]).copy()
+  w[10, 1:] = np.linspace(-0.6, 0.6, 9)  # every other class reads coordinate 10 as well
+  v["params"]["cls"]["kernel"] = jnp.asarray(w)
+  v["params"]["cls"]["bias"] = jnp.asarray([0.0] + [0.0] * 9)
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000, "keep_mean": False}
+  images = x.reshape(4000, 3, 2, 2)
+  _, loose = defend(ClassReader(), v, images, config={**cfg, "max_collateral": 1.0},
+                    progress=False)
+  check = loose["layers"][0]["checks"][0]
+  assert loose["layers"][0]["kept"] == 1 and check["tail_flip"] > 0.75
+  assert 0.15 < check["collateral"] < 1.0  # zeroing coordinate 10 moves the others too
+  _, strict = defend(ClassReader(), v, images, config=cfg, progress=False)
+  assert strict["layers"][0]["kept"] == 0
+  assert strict["layers"][0]["checks"][0]["collateral"] == check["collateral"]
+  with pytest.raises(DefenseError, match="max_collateral"):
+    defend(ClassReader(), v, images, config={"max_collateral": 2.0}, progress=False)
+
+
 def test_rounds_revisit_a_layer_only_while_directions_are_kept():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(4000, 12)).astype(np.float32)
@@ -255,7 +289,7 @@ class LocalTrigger(nn.Module):
 def _local_trigger_data(n=4000, poison=400, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, 3, 3, 12)).astype(np.float32)
-  x[..., 10] *= 0.3
+  x[..., 10] *= 0.05  # quiet in clean images, so its removal moves only the poisoned
   where = rng.integers(0, 9, poison)
   x.reshape(n, 9, 12)[np.arange(poison), where, 10] += 12.0  # a local trigger
   return x, where

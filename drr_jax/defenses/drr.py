@@ -31,6 +31,7 @@ MODES = ("sequential", "one_pass")
 DIRECTIONS = ("skew", "tail_mean")
 MEAN_FITS = ("average", "interior")
 _PROBE = 4  # images on which mean shifts are traced to the BatchNorms that absorb them
+_COLLATERAL = 1000  # confirmation images on which a removal's collateral is measured
 
 
 def default_config() -> dict[str, Any]:
@@ -72,6 +73,10 @@ def default_config() -> dict[str, Any]:
       "confirm_samples": 5000,
       "tail_z": 2.0,
       "min_tail_flip": 0.75,
+      # ... and only if it changes at most this share of the predictions outside its
+      # tail (measured on up to 1,000 of the confirmation images): a removal that moves
+      # many images it is not aimed at is a class direction, not a backdoor's.
+      "max_collateral": 0.15,
       "seed": 0,
   }
 
@@ -110,6 +115,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError(f"rounds must be >= 1, got {cfg['rounds']!r}")
   if not 0.0 <= cfg["min_tail_flip"] <= 1.0 or cfg["confirm_samples"] < 2:
     raise DefenseError("min_tail_flip must be in [0, 1] and confirm_samples >= 2")
+  if not 0.0 <= cfg["max_collateral"] <= 1.0:
+    raise DefenseError(f"max_collateral must be in [0, 1], got {cfg['max_collateral']!r}")
 
 
 def as_images(batch: Any) -> np.ndarray:
@@ -205,6 +212,8 @@ class _Confirmer:
     self.idx = np.sort(np.random.default_rng(cfg["seed"]).choice(n, m, replace=False))
     self.images, self.model, self.cfg = images[self.idx], model, cfg
     self.batch = min(int(cfg["batch_size"]), m)
+    # the images on which collateral changes are counted (positions in self.images)
+    self.side = np.sort(np.random.default_rng(cfg["seed"] + 1).permutation(m)[:_COLLATERAL])
     self._base_key, self._base = None, None
 
   def _predict(self, variables):
@@ -232,21 +241,31 @@ class _Confirmer:
       out.append(np.asarray(fn(variables, x, vj))[:m])
     return np.concatenate(out).astype(np.float64)
 
-  def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
-    """Tail-flip statistics of a trial network; tail: per-image mask over the defense set.
-    Only the tail images are predicted by the trial (padded to whole batches, so one
-    compiled program serves every tail size)."""
-    rows = np.flatnonzero(tail[self.idx])
-    stats = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": 0.0}
-    if not len(rows):
-      return stats
+  def _changed(self, variables, trial, rows: np.ndarray) -> np.ndarray:
+    """Whether the trial's prediction differs from the current one, on images[rows]
+    (padded to whole batches, so one compiled program serves every count)."""
     before = self.base(variables)[rows]
     images = self.images[rows]
     pad = -len(rows) % self.batch
     if pad:
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
     after = evaluate.predict(self.model, trial, images, self.batch, progress=False)
-    stats["tail_flip"] = float(np.mean(before != after[:len(rows)]))
+    return before != after[:len(rows)]
+
+  def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
+    """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
+    the defense set. The trial predicts only the tail images and the non-tail ones among
+    `side`, not the whole confirmation set."""
+    tail = tail[self.idx]
+    rows = np.flatnonzero(tail)
+    stats = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": 0.0,
+             "collateral": 0.0}
+    if not len(rows):
+      return stats
+    stats["tail_flip"] = float(np.mean(self._changed(variables, trial, rows)))
+    others = self.side[~tail[self.side]]
+    if len(others):
+      stats["collateral"] = float(np.mean(self._changed(variables, trial, others)))
     return stats
 
 
@@ -372,11 +391,16 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
           if alt is not None:
             alt_trial, alt_kept = project(current, name, alt[:, None].astype(np.float32),
                                           benign)
-            alt_flip = confirmer.check(current, alt_trial, tail)["tail_flip"]
+            alt_stats = confirmer.check(current, alt_trial, tail)
+            alt_flip = alt_stats["tail_flip"]
             stats["pooled_flip"], stats["located_flip"] = stats["tail_flip"], alt_flip
-            if alt_flip > stats["tail_flip"]:
+            if (alt_flip > stats["tail_flip"]
+                and alt_stats["collateral"] <= cfg["max_collateral"]):
               v, trial, mean_kept = alt, alt_trial, alt_kept
-              stats.update(tail_flip=alt_flip, located=True, mean_kept=alt_kept)
+              stats.update(tail_flip=alt_flip, collateral=alt_stats["collateral"],
+                           located=True, mean_kept=alt_kept)
+        if stats["collateral"] > cfg["max_collateral"]:
+          continue
       current = trial
       keep[j] = True
       kept.append(v)
@@ -459,7 +483,8 @@ def format_report(report: Mapping[str, Any]) -> str:
                  f"{e['kept']:4d} {e['seconds']:6.2f}")
   cfg = report["config"]
   lines.append(f"tau {cfg['tau']}, confirm {cfg['confirm']} (tail z > {cfg['tail_z']}, "
-               f"flip >= {cfg['min_tail_flip']}): {report['directions_kept']} direction(s) "
+               f"flip >= {cfg['min_tail_flip']}, collateral <= "
+               f"{cfg.get('max_collateral', 1.0)}): {report['directions_kept']} direction(s) "
                f"kept in {len(report['layers_projected'])} layer(s) "
                f"{report['layers_projected']}, {report['feature_passes']} feature pass(es), "
                f"{report['seconds']:.1f} s")
