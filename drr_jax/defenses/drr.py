@@ -350,7 +350,9 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     direction 'tail_mean' each is replaced by the mean difference of its skewed tail.
     Each is made orthogonal to those already kept (one mostly inside their span is a
     duplicate and skipped). With confirmation, a candidate is kept only if removing it,
-    on top of the directions kept before it, flips most of its tail.
+    on top of the directions kept before it, flips most of its tail and few other
+    images; at a conv layer its located estimate (`located`) replaces it when that
+    flips more of the tail.
     """
     values, frame = np.asarray(res.values), np.asarray(res.frame)
     conv_layer = features.layer_kernels(base["params"])[name].ndim > 2
