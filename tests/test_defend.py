@@ -327,3 +327,27 @@ def test_locate_keeps_the_better_of_the_pooled_and_located_estimates():
   for bad, match in (({"locate": 1}, "locate"), ({"mean_fit": "border"}, "mean_fit")):
     with pytest.raises(DefenseError, match=match):
       defend(LocalTrigger(), v, x, config=bad, progress=False)
+
+
+def test_tail_overlap_keeps_later_directions_only_for_the_same_images():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10:] *= 0.3
+  x[:400, 10] += 12.0     # group A: coordinate 10 -> class 0
+  x[400:800, 11] += 12.0  # group B, other images: coordinate 11 -> class 1
+  v = _linear_params()
+  w = np.asarray(v["params"]["cls"]["kernel"]).copy()
+  w[11, 1] = 3.0
+  v["params"]["cls"]["kernel"] = jnp.asarray(w)
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000, "max_collateral": 1.0}
+  images = x.reshape(4000, 3, 2, 2)
+  _, both = defend(Linear(), v, images, config={**cfg, "tail_overlap": None},
+                   progress=False)
+  assert both["layers"][0]["kept"] == 2
+  _, one = defend(Linear(), v, images, config={**cfg, "tail_overlap": 0.5}, progress=False)
+  (entry,) = one["layers"]
+  assert entry["kept"] == 1
+  skipped = [c for c in entry["checks"] if "overlap" in c]
+  assert skipped and all(c["overlap"] < 0.05 for c in skipped)
+  with pytest.raises(DefenseError, match="tail_overlap"):
+    defend(Linear(), v, images, config={"tail_overlap": 1.5}, progress=False)

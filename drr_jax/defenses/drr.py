@@ -77,6 +77,10 @@ def default_config() -> dict[str, Any]:
       # tail (measured on up to 1,000 of the confirmation images): a removal that moves
       # many images it is not aimed at is a class direction, not a backdoor's.
       "max_collateral": 0.15,
+      # Once a direction was kept, a later candidate is tried only if at least this share
+      # of its tail lies in the tails already removed: the same sub-population, not a
+      # class surfacing once the poison direction is gone. None: off.
+      "tail_overlap": 0.5,
       "seed": 0,
   }
 
@@ -115,6 +119,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError(f"rounds must be >= 1, got {cfg['rounds']!r}")
   if not 0.0 <= cfg["min_tail_flip"] <= 1.0 or cfg["confirm_samples"] < 2:
     raise DefenseError("min_tail_flip must be in [0, 1] and confirm_samples >= 2")
+  if cfg["tail_overlap"] is not None and not 0.0 <= cfg["tail_overlap"] <= 1.0:
+    raise DefenseError(f"tail_overlap must be None or in [0, 1], got {cfg['tail_overlap']!r}")
   if not 0.0 <= cfg["max_collateral"] <= 1.0:
     raise DefenseError(f"max_collateral must be in [0, 1], got {cfg['max_collateral']!r}")
 
@@ -312,6 +318,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   confirmer = _Confirmer(model, images, cfg) if cfg["confirm"] else None
   probe = jnp.asarray(images[:_PROBE])
   n = len(images)
+  removed_tails = np.zeros(n, bool)  # images in the tails of the directions kept so far
 
   coverage: dict[str, Any] = {}
 
@@ -376,6 +383,12 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       if np.linalg.norm(v) < 0.5:  # mostly a direction already kept
         continue
       v = v / np.linalg.norm(v)
+      if cfg["tail_overlap"] is not None and removed_tails.any():
+        overlap = float(np.mean(removed_tails[tail]))
+        if overlap < cfg["tail_overlap"]:
+          checks.append({"column": int(j), "tail_frac": float(np.mean(tail)),
+                         "tail_flip": 0.0, "collateral": 0.0, "overlap": overlap})
+          continue
       # the benign value: the mean over images outside the tail (the suspected poison)
       benign = image_means[~tail].mean(0).astype(np.float64)
       trial, mean_kept = project(current, name, v[:, None].astype(np.float32), benign)
@@ -406,6 +419,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       current = trial
       keep[j] = True
       kept.append(v)
+      removed_tails[tail] = True
       anchor = anchor + (benign @ v) * v
     v_kept = np.stack(kept, 1).astype(np.float32) if kept else np.zeros((len(frame), 0),
                                                                         np.float32)
