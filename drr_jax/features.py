@@ -94,6 +94,14 @@ def capture_fn(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.A
   return logits, {k: (v[0] if len(v) == 1 else jnp.concatenate(v)) for k, v in store.items()}
 
 
+def _captured(model: nn.Module | Callable, variables: Any, images: jax.Array,
+              outputs: bool) -> dict[str, jax.Array]:
+  """{layer: feature} from a Linen module (eval mode) or an apply function."""
+  if isinstance(model, nn.Module):
+    return capture(model, variables, images, outputs=outputs, train=False)[1]
+  return capture_fn(model, variables, images, outputs=outputs)[1]
+
+
 POOLINGS = ("max", "mean", "positions")
 
 
@@ -129,10 +137,7 @@ def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
   def f(variables, images):
-    if isinstance(model, nn.Module):
-      _, found = capture(model, variables, images, outputs=outputs, train=False)
-    else:
-      _, found = capture_fn(model, variables, images, outputs=outputs)
+    found = _captured(model, variables, images, outputs)
     keep = found if layers is None else {k: found[k] for k in layers}
     pooled = {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
     if not with_means:
@@ -151,10 +156,7 @@ def located_fn(model: nn.Module | Callable, layer: str, *, outputs: bool = False
   places, this is the feature of one place: the one a local trigger lights up."""
 
   def f(variables, images, v):
-    if isinstance(model, nn.Module):
-      _, found = capture(model, variables, images, outputs=outputs, train=False)
-    else:
-      _, found = capture_fn(model, variables, images, outputs=outputs)
+    found = _captured(model, variables, images, outputs)
     x = found[layer].astype(jnp.float32)
     if x.ndim == 2:
       return x
