@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,19 +52,10 @@ def main():
 
   for name, frame in cands.items():
     for mode in ("zero", "mean"):
-      fr = jnp.asarray(frame, jnp.float32)
-      mu = jnp.asarray(mu_pos if mode == "mean" else np.zeros_like(mu_pos), jnp.float32)
-
-      def icpt(next_fun, a, kw, ctx, fr=fr, mu=mu):
-        if ctx.method_name == "__call__" and "/".join(ctx.module.scope.path) == args.layer:
-          h = a[0]
-          h = h - ((h - mu) @ fr) @ fr.T
-          return next_fun(h, *a[1:], **kw)
-        return next_fun(*a, **kw)
-
-      def apply(v, im, icpt=icpt):
-        with nn.intercept_methods(icpt):
-          return model.apply(v, im, train=False)
+      mu = mu_pos if mode == "mean" else np.zeros_like(mu_pos)
+      # h - ((h - mu) V) V^T: the removal plus the constant mu V V^T at the input
+      apply = explore_common.removing(model, args.layer, frame,
+                                      shift_in=jnp.asarray(frame @ (frame.T @ mu), jnp.float32))
 
       m = evaluate.evaluate(apply, variables, ds.val, trigger, cfg["attack"], progress=False)
       ch = evaluate.predict(apply, variables, imgs, progress=False) != base

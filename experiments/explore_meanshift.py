@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,22 +52,11 @@ def main():
     kern = np.asarray(kernels[layer], np.float64)
     for name, v in (("v1", v1), ("d", d)):
       for mode in args.modes.split(","):
-        vv = jnp.asarray(v[:, None], jnp.float32)
         c = jnp.asarray((mu @ v) * v, jnp.float32)
         b = jnp.asarray(np.tensordot((mu @ v) * v, kern, axes=([0], [kern.ndim - 2])).reshape(-1, kern.shape[-1]).sum(0), jnp.float32)
-
-        def icpt(next_fun, a, kw, ctx, vv=vv, c=c, b=b, mode=mode):
-          if not (ctx.method_name == "__call__" and "/".join(ctx.module.scope.path) == layer):
-            return next_fun(*a, **kw)
-          h = a[0] - (a[0] @ vv) @ vv.T
-          if mode == "mean_in":
-            h = h + c
-          out = next_fun(h, *a[1:], **kw)
-          return out + b if mode == "mean_out" else out
-
-        def apply(w, im, icpt=icpt):
-          with nn.intercept_methods(icpt):
-            return model.apply(w, im, train=False)
+        apply = explore_common.removing(model, layer, v[:, None],
+                                        shift_in=c if mode == "mean_in" else None,
+                                        shift_out=b if mode == "mean_out" else None)
 
         m = evaluate.evaluate(apply, variables, ds.val, trigger, cfg["attack"], progress=False)
         ch = evaluate.predict(apply, variables, imgs, progress=False) != base

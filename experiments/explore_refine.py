@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,28 +90,19 @@ def main():
     mu = xm[~t].mean(0)
     for mode in args.modes.split(","):
       V = v.reshape(len(v), -1)
-      vv = jnp.asarray(V, jnp.float32)
       c = jnp.asarray(V @ (V.T @ mu), jnp.float32)
       b = jnp.asarray(np.tensordot(V @ (V.T @ mu), kern, axes=([0], [kern.ndim - 2])
                                    ).reshape(-1, kern.shape[-1]).sum(0), jnp.float32)
 
-      def icpt(next_fun, a, kw, ctx, vv=vv, c=c, b=b, mode=mode):
-        if not (ctx.method_name == "__call__" and "/".join(ctx.module.scope.path) == layer):
-          return next_fun(*a, **kw)
-        h = a[0] - (a[0] @ vv) @ vv.T
-        if mode == "mean_in":
-          h = h + c
-        out = next_fun(h, *a[1:], **kw)
-        if mode == "mean_avg":  # the exact constant's response, averaged over positions
-          cmap = jax.lax.conv_general_dilated(
-              jnp.zeros_like(a[0][:1]) + c, jnp.asarray(kern, jnp.float32), (1, 1), "SAME",
-              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-          return out + cmap.mean(axis=tuple(range(1, cmap.ndim - 1)), keepdims=True)
-        return out + b if mode == "mean_out" else out
+      def averaged(h, c=c):  # the exact constant's response, averaged over positions
+        cmap = jax.lax.conv_general_dilated(
+            jnp.zeros_like(h[:1]) + c, jnp.asarray(kern, jnp.float32), (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return cmap.mean(axis=tuple(range(1, cmap.ndim - 1)), keepdims=True)
 
-      def apply(w, im, icpt=icpt):
-        with nn.intercept_methods(icpt):
-          return model.apply(w, im, train=False)
+      apply = explore_common.removing(
+          model, layer, V, shift_in=c if mode == "mean_in" else None,
+          shift_out={"mean_out": b, "mean_avg": averaged}.get(mode))
 
       m = evaluate.evaluate(apply, variables, ds.val, trigger, cfg["attack"], progress=False)
       ch = evaluate.predict(apply, variables, imgs, progress=False) != base
