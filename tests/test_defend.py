@@ -8,6 +8,7 @@ import pytest
 
 from drr_jax import defend, features
 from drr_jax.defenses import DefenseError
+from drr_jax.defenses.drr import channel_link, format_report
 
 
 class MLP(nn.Module):
@@ -351,3 +352,60 @@ def test_tail_overlap_keeps_later_directions_only_for_the_same_images():
   assert skipped and all(c["overlap"] < 0.05 for c in skipped)
   with pytest.raises(DefenseError, match="tail_overlap"):
     defend(Linear(), v, images, config={"tail_overlap": 1.5}, progress=False)
+
+
+class Stream(nn.Module):
+  """stem (identity) -> stream s; branch reads s; cls reads s + branch(s): the identity
+  shortcut carries the stream's channels past the branch to the classifier."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    s = nn.Dense(12, name="stem")(x.reshape(len(x), -1).astype(jnp.float32))
+    return nn.Dense(10, name="cls")(s + nn.Dense(12, name="branch")(s))
+
+
+def _stream_case(n=4000, poison=400, seed=3):
+  """Images whose first 10 coordinates give the class, and a poisoned 10 % pushed to
+  class 0 along coordinate 10, read both by the branch (4 parts) and, through the
+  shortcut, by the classifier directly (1 part)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 12)).astype(np.float32)
+  x[:, 10:] *= 0.1
+  x[:poison, 10] += rng.uniform(1.5, 5.0, poison)
+  branch = np.zeros((12, 12), np.float32)
+  branch[10, 10] = 4.0
+  cls = np.zeros((12, 10), np.float32)
+  cls[:10] = np.eye(10)
+  cls[10, 0] = 0.4
+  dense = lambda k: {"kernel": jnp.asarray(k), "bias": jnp.zeros(k.shape[1])}
+  v = {"params": {"stem": dense(np.eye(12, dtype=np.float32)), "branch": dense(branch),
+                  "cls": dense(cls)}}
+  return x.reshape(n, 3, 2, 2), v, np.argmax(x[:poison, :10], -1)
+
+
+def test_channel_link_tells_shared_channels_from_unrelated_ones():
+  a = np.random.default_rng(0).normal(size=(2000, 16))
+  assert channel_link(a, 2.0 * a + 0.3 * np.random.default_rng(1).normal(size=a.shape)) > 0.9
+  assert abs(channel_link(a, a[:, ::-1])) < 0.1  # the same values, other channels
+
+
+def test_carry_removes_a_kept_direction_where_a_shortcut_delivers_it_too():
+  images, v, truth = _stream_case()
+  cfg = {"layers": ["branch"], "tau": 1.5, "confirm_samples": 2000, "min_tail_flip": 0.3}
+  agree = lambda variables: np.mean(truth == np.argmax(np.asarray(
+      Stream().apply(variables, images[:len(truth)])), -1))
+  alone, rep_alone = defend(Stream(), v, images, config={**cfg, "carry": False},
+                            progress=False)
+  new, report = defend(Stream(), v, images, config=cfg, progress=False)
+  assert rep_alone["carried"] == [] and rep_alone["layers_projected"] == ["branch"]
+  assert _same(alone["params"]["cls"], v["params"]["cls"])
+  (c,) = report["carried"]
+  assert (c["from"], c["to"], c["kept"]) == ("branch", "cls", True), c
+  assert c["link"] > 0.9 and c["tail_flip"] >= 0.5
+  assert report["layers_projected"] == ["branch", "cls"]
+  assert "carried branch -> cls" in format_report(report)
+  assert abs(np.asarray(c["direction"])[10]) > 0.95  # the stream's coordinate 10
+  assert agree(v) < 0.2 and agree(alone) < 0.8 and agree(new) > 0.85, (
+      agree(v), agree(alone), agree(new))
+  with pytest.raises(DefenseError, match="carry_link"):
+    defend(Stream(), v, images, config={"carry_link": 2.0}, progress=False)

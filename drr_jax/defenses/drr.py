@@ -81,6 +81,13 @@ def default_config() -> dict[str, Any]:
       # of its tail lies in the tails already removed: the same sub-population, not a
       # class surfacing once the poison direction is gone. None: off.
       "tail_overlap": 0.5,
+      # Sequential, input side: a kept direction is also removed from the later layers
+      # (the classifier included) that read the same channels through identity shortcuts
+      # -- per-channel correlation of the two inputs over images, less that of unmatched
+      # channels, at least `carry_link` -- where that flips at least half of the tail
+      # images whose prediction the removals so far left unchanged.
+      "carry": True,
+      "carry_link": 0.3,
       "seed": 0,
   }
 
@@ -100,7 +107,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
                        f"{cfg['search']!r}")
   if cfg["direction"] not in DIRECTIONS:
     raise DefenseError(f"direction must be one of {DIRECTIONS}, got {cfg['direction']!r}")
-  for key in ("keep_mean", "locate"):
+  for key in ("keep_mean", "locate", "carry"):
     if not isinstance(cfg[key], (bool, np.bool_)):
       raise DefenseError(f"{key} must be True or False, got {cfg[key]!r}")
   if cfg["mean_fit"] not in MEAN_FITS:
@@ -121,6 +128,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     raise DefenseError("min_tail_flip must be in [0, 1] and confirm_samples >= 2")
   if cfg["tail_overlap"] is not None and not 0.0 <= cfg["tail_overlap"] <= 1.0:
     raise DefenseError(f"tail_overlap must be None or in [0, 1], got {cfg['tail_overlap']!r}")
+  if not -1.0 <= cfg["carry_link"] <= 1.0:
+    raise DefenseError(f"carry_link must be in [-1, 1], got {cfg['carry_link']!r}")
   if not 0.0 <= cfg["max_collateral"] <= 1.0:
     raise DefenseError(f"max_collateral must be in [0, 1], got {cfg['max_collateral']!r}")
 
@@ -197,6 +206,20 @@ def _layer_entry(name, x, result, keep, checks, seconds, v_kept) -> dict[str, An
           "directions": np.asarray(v_kept, np.float64).T.tolist()}
 
 
+def channel_link(a: np.ndarray, b: np.ndarray) -> float:
+  """How much two (N, C) features share their channels: the mean correlation over
+  images of channel c in a with channel c in b, less the mean over unmatched pairs
+  (c, c'). About 0 for layers whose channels are unrelated; large where an identity
+  shortcut carries a's channels into b (the residual stream)."""
+  a = (a - a.mean(0)) / (a.std(0) + 1e-12)
+  b = (b - b.mean(0)) / (b.std(0) + 1e-12)
+  corr = a.T @ b / len(a)
+  c = len(corr)
+  diag = np.trace(corr)
+  off = (corr.sum() - diag) / max(c * c - c, 1)
+  return float(diag / c - off)
+
+
 def _skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float
                  ) -> tuple[np.ndarray, np.ndarray]:
   """v oriented so that its projections skew to the right, and the per-image mask of the
@@ -258,6 +281,22 @@ class _Confirmer:
     after = evaluate.predict(self.model, trial, images, self.batch, progress=False)
     return before != after[:len(rows)]
 
+  def check_residual(self, original, variables, trial, tail: np.ndarray
+                     ) -> dict[str, float]:
+    """Carry statistics: among the tail images whose prediction is still the original
+    network's (`original`: its predictions), the share the trial changes; and the
+    collateral, as in `check`."""
+    tail = tail[self.idx]
+    rows = np.flatnonzero(tail & (self.base(variables) == original))
+    stats = {"residual": int(len(rows)), "tail_flip": 0.0, "collateral": 0.0}
+    if not len(rows):
+      return stats
+    stats["tail_flip"] = float(np.mean(self._changed(variables, trial, rows)))
+    others = self.side[~tail[self.side]]
+    if len(others):
+      stats["collateral"] = float(np.mean(self._changed(variables, trial, others)))
+    return stats
+
   def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
     """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
     the defense set. The trial predicts only the tail images and the non-tail ones among
@@ -294,6 +333,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   order = features.layer_order(model, variables, images.shape[1:])
   if not order:
     raise DefenseError("the model has no conv or dense layer to defend")
+  classifier = order[-1]
   if cfg["skip_classifier"] and len(order) > 1:
     order = order[:-1]
   if cfg["layers"] is not None:
@@ -303,7 +343,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     order = [l for l in order if l in set(cfg["layers"])]
   outputs = cfg["side"] == "output"
   kernels = features.layer_kernels(variables["params"])
-  width = {name: kernels[name].shape[-1 if outputs else -2] for name in order}
+  width = {name: kernels[name].shape[-1 if outputs else -2]
+           for name in [*order, classifier]}
   if cfg["search"] != "multistart":  # multistart's k counts starts, capped at C below
     for name, c in width.items():
       if cfg["k"] > c:
@@ -365,6 +406,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     conv_layer = features.layer_kernels(base["params"])[name].ndim > 2
     keep = np.zeros(len(values), bool)
     kept: list[np.ndarray] = []
+    tails: list[np.ndarray] = []
     checks = []
     current = base
     anchor = np.zeros(len(frame))  # sum of (benign mean . v) v over kept v: their values
@@ -419,11 +461,54 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
       current = trial
       keep[j] = True
       kept.append(v)
+      tails.append(tail)
       removed_tails[tail] = True
       anchor = anchor + (benign @ v) * v
     v_kept = np.stack(kept, 1).astype(np.float32) if kept else np.zeros((len(frame), 0),
                                                                         np.float32)
-    return v_kept, keep, checks, current, anchor
+    return v_kept, keep, checks, current, anchor, tails
+
+  # carrying kept directions to the later readers of the same channels (sequential only)
+  carry = (cfg["carry"] and cfg["mode"] == "sequential" and confirmer is not None
+           and not outputs)
+  original = confirmer.base(variables) if carry else None  # the original predictions
+  readers = [*order, classifier] if classifier not in order else list(order)
+  lost: dict[str, list[np.ndarray]] = {}  # directions carried into each reader
+  carried: list[dict[str, Any]] = []
+  carried_kept = lambda: [c for c in carried if c["kept"]]
+
+  def carry_on(name, v_kept, tails, current, means):
+    """`current` with each direction kept at `name` also removed from the later readers
+    of the same channels (`channel_link`), where that flips at least half of the tail
+    images whose prediction has not changed yet; records each try in `carried`."""
+    later = readers[readers.index(name) + 1:]
+    for v, tail in zip(np.asarray(v_kept, np.float64).T, tails):
+      for r in later:
+        if width[r] != width[name]:
+          continue
+        link = channel_link(means[name], means[r])
+        if link < cfg["carry_link"]:
+          continue
+        u = v.copy()
+        for w in lost.get(r, []):
+          u = u - (w @ u) * w
+        if np.linalg.norm(u) < 0.5:
+          continue
+        u = u / np.linalg.norm(u)
+        benign = means[r][~tail].mean(0).astype(np.float64)
+        trial, mean_kept = project(current, r, u[:, None].astype(np.float32), benign)
+        stats = confirmer.check_residual(original, current, trial, tail)
+        ok = (stats["residual"] >= 10 and stats["tail_flip"] >= 0.5
+              and stats["collateral"] <= cfg["max_collateral"])
+        carried.append({"from": name, "to": r, "link": link, "mean_kept": mean_kept,
+                        **stats, "kept": bool(ok),
+                        "direction": u.tolist() if ok else []})
+        if stats["residual"] < 10:
+          break  # nothing left for later readers to flip
+        if ok:
+          current = trial
+          lost.setdefault(r, []).append(u)
+    return current
 
   entries, passes = [], 0
   if cfg["mode"] == "one_pass":
@@ -445,8 +530,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     for name in tqdm(order, desc="confirm", disable=not progress, leave=False):
       res, dt = results[name]
       t0 = time.time()
-      v_kept, keep, checks, _, anchor = decide(name, feats[name], res, variables,
-                                               means[name])
+      v_kept, keep, checks, _, anchor, _ = decide(name, feats[name], res, variables,
+                                                  means[name])
       if keep.any():
         frames[name] = (v_kept, anchor)
       entries.append(_layer_entry(name, feats[name], res, keep, checks,
@@ -457,11 +542,13 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
     feats, stale = None, True
     bar = tqdm(order, desc="DRR layers", disable=not progress)
     for li, name in enumerate(bar):
-      removed = []  # directions already projected out of this layer's input
+      # directions already projected out of this layer's input
+      removed = [np.stack(lost[name], 1)] if name in lost else []
       for _ in range(int(cfg["rounds"])):
         t0 = time.time()
         if stale:  # features of this and later layers, from the network as modified so far
-          feats, means = extract(model, variables, images, tuple(order[li:]),
+          later = readers[readers.index(name):] if carry else order[li:]
+          feats, means = extract(model, variables, images, tuple(later),
                                  desc=f"features from {name}", **ext)
           passes += 1
           stale = False
@@ -473,18 +560,22 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
           x = x - (x @ v) @ v.T
         res = jax.device_get(stiefel.maximize(x, k_of(name), **opt))
         prior = [u for v in removed for u in np.asarray(v, np.float64).T]
-        v_kept, keep, checks, variables, _ = decide(name, x, res, variables, means[name],
-                                                    prior)
+        v_kept, keep, checks, variables, _, tails = decide(name, x, res, variables,
+                                                           means[name], prior)
         if keep.any():
           removed.append(v_kept)
           stale = True
+          if carry:
+            variables = carry_on(name, v_kept, tails, variables, means)
         entries.append(_layer_entry(name, x, res, keep, checks, time.time() - t0, v_kept))
-        bar.set_postfix(kept=sum(e["kept"] for e in entries))
+        bar.set_postfix(kept=sum(e["kept"] for e in entries) + len(carried_kept()))
         if not keep.any():  # nothing more to remove here: next layer
           break
-  report = {"config": cfg, "layers": entries, "feature_passes": passes,
-            "directions_kept": sum(e["kept"] for e in entries),
-            "layers_projected": [e["layer"] for e in entries if e["kept"]],
+  projected = [e["layer"] for e in entries if e["kept"]]
+  projected += [c["to"] for c in carried_kept() if c["to"] not in projected]
+  report = {"config": cfg, "layers": entries, "carried": carried, "feature_passes": passes,
+            "directions_kept": sum(e["kept"] for e in entries) + len(carried_kept()),
+            "layers_projected": projected,
             "num_images": int(len(images)), "seconds": time.time() - t_start}
   return variables, report
 
@@ -497,6 +588,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     flips = " ".join(f"{c['tail_flip']:.2f}" for c in e.get("checks", [])[:3]) or "-"
     lines.append(f"{e['layer']:32s} {e['channels']:4d} {crit:>10s} {flips:>9s} "
                  f"{e['kept']:4d} {e['seconds']:6.2f}")
+  for c in report.get("carried", []):
+    lines.append(f"  carried {c['from']} -> {c['to']}: link {c['link']:.2f}, flips "
+                 f"{c['tail_flip']:.2f} of {c['residual']} unflipped tail images, "
+                 f"collateral {c['collateral']:.3f}: {'kept' if c['kept'] else 'not kept'}")
   cfg = report["config"]
   lines.append(f"tau {cfg['tau']}, confirm {cfg['confirm']} (tail z > {cfg['tail_z']}, "
                f"flip >= {cfg['min_tail_flip']}, collateral <= "
