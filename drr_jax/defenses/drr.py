@@ -7,7 +7,9 @@ layer's kernel (`projection`). By default (see the README for the evidence) a ke
 candidate v is replaced by the mean difference d of its skewed tail and the rest (the
 direction Theorem 1 says v approximates), confirmed by whether removing it flips its
 tail's predictions, and removed by replacing the component with its benign mean rather
-than zero, the constant folded into biases or BatchNorm running means. In the faithful 'sequential' mode the features of later
+than zero, the constant folded into biases or BatchNorm running means; a kept direction
+is also removed from the later layers that read the same channels through identity
+shortcuts (`carry`, sequential mode). In the faithful 'sequential' mode the features of later
 layers come from the network as modified so far; they are re-extracted only after a
 layer was actually projected (before that, the original network's features are exact).
 The 'one_pass' mode takes every layer's features from the original network and
