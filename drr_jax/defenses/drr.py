@@ -283,6 +283,18 @@ class _Confirmer:
     after = evaluate.predict(self.model, trial, images, self.batch, progress=False)
     return before != after[:len(rows)]
 
+  def _flips(self, variables, trial, tail: np.ndarray, rows: np.ndarray
+             ) -> tuple[float, float]:
+    """(share of images[rows] whose prediction the trial changes, the same share among
+    the `side` images outside the tail: the collateral); tail: mask over self.images."""
+    if not len(rows):
+      return 0.0, 0.0
+    flip = float(np.mean(self._changed(variables, trial, rows)))
+    others = self.side[~tail[self.side]]
+    if not len(others):
+      return flip, 0.0
+    return flip, float(np.mean(self._changed(variables, trial, others)))
+
   def check_residual(self, original, variables, trial, tail: np.ndarray
                      ) -> dict[str, float]:
     """Carry statistics: among the tail images whose prediction is still the original
@@ -290,14 +302,8 @@ class _Confirmer:
     collateral, as in `check`."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail & (self.base(variables) == original))
-    stats = {"residual": int(len(rows)), "tail_flip": 0.0, "collateral": 0.0}
-    if not len(rows):
-      return stats
-    stats["tail_flip"] = float(np.mean(self._changed(variables, trial, rows)))
-    others = self.side[~tail[self.side]]
-    if len(others):
-      stats["collateral"] = float(np.mean(self._changed(variables, trial, others)))
-    return stats
+    flip, collateral = self._flips(variables, trial, tail, rows)
+    return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
 
   def check(self, variables, trial, tail: np.ndarray) -> dict[str, float]:
     """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
@@ -305,15 +311,9 @@ class _Confirmer:
     `side`, not the whole confirmation set."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
-    stats = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": 0.0,
-             "collateral": 0.0}
-    if not len(rows):
-      return stats
-    stats["tail_flip"] = float(np.mean(self._changed(variables, trial, rows)))
-    others = self.side[~tail[self.side]]
-    if len(others):
-      stats["collateral"] = float(np.mean(self._changed(variables, trial, others)))
-    return stats
+    flip, collateral = self._flips(variables, trial, tail, rows)
+    return {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
+            "collateral": collateral}
 
 
 def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any, *,
