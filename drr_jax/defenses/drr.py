@@ -348,7 +348,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   width = {name: kernels[name].shape[-1 if outputs else -2]
            for name in [*order, classifier]}
   if cfg["search"] != "multistart":  # multistart's k counts starts, capped at C below
-    for name, c in width.items():
+    for name in order:
+      c = width[name]
       if cfg["k"] > c:
         raise DefenseError(f"k = {cfg['k']} exceeds the {c} channels of layer {name!r}")
   k_of = lambda name: min(int(cfg["k"]), width[name])
