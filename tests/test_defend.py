@@ -407,5 +407,8 @@ def test_carry_removes_a_kept_direction_where_a_shortcut_delivers_it_too():
   assert abs(np.asarray(c["direction"])[10]) > 0.95  # the stream's coordinate 10
   assert agree(v) < 0.2 and agree(alone) < 0.8 and agree(new) > 0.85, (
       agree(v), agree(alone), agree(new))
+  _, one_pass = defend(Stream(), v, images, config={**cfg, "mode": "one_pass"},
+                       progress=False)
+  assert one_pass["carried"] == [] and one_pass["layers_projected"] == ["branch"]
   with pytest.raises(DefenseError, match="carry_link"):
     defend(Stream(), v, images, config={"carry_link": 2.0}, progress=False)
