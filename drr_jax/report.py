@@ -14,7 +14,8 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def _commit(rec: dict[str, Any]) -> str:
   git = rec.get("git") or {}
   sha = git.get("commit", "unknown")[:10]
-  return sha + (" (with uncommitted changes)" if git.get("dirty") else "")
+  if not git.get("dirty"):
+    return sha
+  changed = git.get("changed")
+  return sha + (f" (uncommitted changes in {', '.join(changed)})" if changed
+                else " (with uncommitted changes)")
 
 
 def provenance(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -161,11 +166,11 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
   for ratio in sorted({float(r["cell"]["poison_ratio"]) for r in records}, reverse=True):
     out += ["", f"## Poison ratio {100 * ratio:g} %", "", table1(records, ratio)]
   out += ["", "## Per cell", "",
-          "Validation split. Seconds: training from the checkpoint's per-epoch history "
+          ("Validation split. Seconds: training from the checkpoint's per-epoch history "
           "('reused': trained by an earlier run, whose machine the checkpoint does not "
           "record), the rest on the record's machine; a plain pass is one inference pass "
           "over the training images (with compilation); analysis includes its own feature "
-          "pass.", "", cell_table(records), ""]
+          "pass."), "", cell_table(records), ""]
   return "\n".join(out)
 
 

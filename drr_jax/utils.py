@@ -56,14 +56,16 @@ def jsonable(obj: Any) -> Any:
 
 
 def git_commit(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
-  """{'commit': sha, 'dirty': tracked files changed} of the git checkout holding `path`
-  (default: this package), or None outside a checkout or without git."""
+  """{'commit': sha, 'dirty': tracked files changed, 'changed': their paths} of the git
+  checkout holding `path` (default: this package), or None outside a checkout or without
+  git. The paths let a reader see whether an uncommitted change could touch a result."""
   cwd = Path(path) if path is not None else Path(__file__).resolve().parent
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                          text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=cwd,
-                           capture_output=True, timeout=10, check=False).returncode != 0
+    changed = subprocess.run(["git", "diff", "--name-only", "HEAD", "--"], cwd=cwd,
+                             capture_output=True, text=True, timeout=10,
+                             check=True).stdout.split()
   except (OSError, subprocess.SubprocessError):
     return None
-  return {"commit": sha, "dirty": dirty}
+  return {"commit": sha, "dirty": bool(changed), "changed": changed}

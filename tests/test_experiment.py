@@ -192,3 +192,27 @@ def test_grids_name_the_issue_cells():
   assert cfg["train"]["epochs"] == 12 and cfg["preset"] == "cpu"
   with pytest.raises(ValueError, match="unknown grid"):
     grid.get_grid("huge")
+
+
+def test_records_name_the_uncommitted_files_they_ran_with(tmp_path):
+  import subprocess
+
+  from drr_jax import utils
+  assert utils.git_commit(tmp_path) is None  # not a checkout
+  run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True,
+                                  capture_output=True)
+  run("init", "-q")
+  (tmp_path / "a.py").write_text("x = 1\n")
+  (tmp_path / "b.md").write_text("notes\n")
+  run("add", ".")
+  run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+  clean = utils.git_commit(tmp_path)
+  assert clean["dirty"] is False and clean["changed"] == [] and len(clean["commit"]) == 40
+  assert report._commit({"git": clean}) == clean["commit"][:10]
+  (tmp_path / "b.md").write_text("more notes\n")
+  dirty = utils.git_commit(tmp_path)
+  assert dirty["dirty"] is True and dirty["changed"] == ["b.md"]
+  assert report._commit({"git": dirty}).endswith("(uncommitted changes in b.md)")
+  # Records written before the file list existed still read as dirty.
+  assert report._commit({"git": {"commit": "f" * 40, "dirty": True}}).endswith(
+      "(with uncommitted changes)")
