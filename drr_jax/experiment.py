@@ -120,9 +120,11 @@ def _metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size:
 def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
              ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
              overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
-             progress: bool = True) -> dict[str, Any]:
-  """Runs one cell and writes its record; returns the record."""
+             progress: bool = True, git: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Runs one cell and writes its record; returns the record. `git` is the checkout state
+  of the code that runs (default: taken now, before the cell starts)."""
   t_cell = time.time()
+  git = git if git is not None else utils.git_commit()
   cfg = experiment_config(cell, overrides)
   tcfg, dcfg = cfg["training"], cfg["drr"]
   cid = cell_id(cell)
@@ -184,7 +186,7 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
       "checkpoint": {"dir": str(workdir), "reused": reused,
                      "epochs": len(meta["history"]), "history": meta["history"]},
       "before": before, "after": after, "drr": report, "analysis": result,
-      "times": times, "machine": utils.machine_description(), "git": utils.git_commit(),
+      "times": times, "machine": utils.machine_description(), "git": git,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   record = utils.jsonable(record)
@@ -199,6 +201,8 @@ def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
   """Runs every cell whose record is not done, in order; a failing cell is logged to
   `<results>/<cell_id>.error.txt` and the grid goes on. Returns the cell ids by outcome:
   {'skipped', 'done', 'failed'}."""
+  # The code this process runs is the checkout as it was now; later edits do not reach it.
+  git = utils.git_commit()
   results_dir = Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   outcome: dict[str, list[str]] = {"skipped": [], "done": [], "failed": []}
@@ -216,7 +220,7 @@ def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
       tqdm.write(f"{cid}: the record {path} is not usable ({status}); redoing the cell")
     try:
       run_cell(cell, data_dir, ckpt_root, results_dir, overrides=overrides,
-               cache_dir=cache_dir, progress=progress)
+               cache_dir=cache_dir, progress=progress, git=git)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
       err_path.write_text(traceback.format_exc())
       tqdm.write(f"{cid}: FAILED ({type(e).__name__}: {e}); traceback in {err_path}")

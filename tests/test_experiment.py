@@ -216,3 +216,18 @@ def test_records_name_the_uncommitted_files_they_ran_with(tmp_path):
   # Records written before the file list existed still read as dirty.
   assert report._commit({"git": {"commit": "f" * 40, "dirty": True}}).endswith(
       "(with uncommitted changes)")
+
+
+def test_a_grid_records_the_checkout_its_process_started_from(tmp_path, monkeypatch):
+  # Edits made while a long grid runs do not reach the running code, so every cell's
+  # record must carry the state taken when the grid started, not when the cell ended.
+  from drr_jax import utils
+  states = iter([{"commit": "a" * 40, "dirty": False, "changed": []},
+                 {"commit": "b" * 40, "dirty": True, "changed": ["README.md"]}])
+  monkeypatch.setattr(utils, "git_commit", lambda *a, **k: next(states))
+  seen = []
+  monkeypatch.setattr(experiment, "run_cell", lambda *a, git=None, **k: seen.append(git))
+  out = experiment.run_grid(grid.get_grid("tiny"), None, tmp_path / "ckpt",
+                            tmp_path / "results", progress=False)
+  assert out["done"] == [grid.cell_id(c) for c in grid.get_grid("tiny")]
+  assert seen == [{"commit": "a" * 40, "dirty": False, "changed": []}] * 2
