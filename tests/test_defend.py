@@ -8,7 +8,7 @@ import pytest
 
 from drr_jax import defend, features
 from drr_jax.defenses import DefenseError
-from drr_jax.defenses.drr import channel_link, format_report
+from drr_jax.defenses.drr import channel_link, format_report, same_input
 
 
 class MLP(nn.Module):
@@ -381,6 +381,58 @@ def _stream_case(n=4000, poison=400, seed=3):
   v = {"params": {"stem": dense(np.eye(12, dtype=np.float32)), "branch": dense(branch),
                   "cls": dense(cls)}}
   return x.reshape(n, 3, 2, 2), v, np.argmax(x[:poison, :10], -1)
+
+
+class Widening(nn.Module):
+  """stem (identity) -> s; a 1x1-style shortcut, called first, and the branch both read s
+  and widen it to 16; cls reads their sum: the WRN first-block layout, where the
+  shortcut's input is the branch's input but the model calls the shortcut earlier."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    s = nn.Dense(12, name="stem")(x.reshape(len(x), -1).astype(jnp.float32))
+    shortcut = nn.Dense(16, name="shortcut")(s)
+    return nn.Dense(10, name="cls")(shortcut + nn.Dense(16, name="branch")(s))
+
+
+def _widening_case():
+  images, v, truth = _stream_case()
+  dense = lambda k: {"kernel": jnp.asarray(k), "bias": jnp.zeros(k.shape[1])}
+  shortcut, branch = np.eye(12, 16, dtype=np.float32), np.zeros((12, 16), np.float32)
+  branch[10, 10] = 4.0
+  cls = np.zeros((16, 10), np.float32)
+  cls[:10] = np.eye(10)
+  cls[10, 0] = 0.4
+  v = {"params": {"stem": v["params"]["stem"], "shortcut": dense(shortcut),
+                  "branch": dense(branch), "cls": dense(cls)}}
+  return images, v, truth
+
+
+def test_same_input_finds_the_readers_of_one_tensor():
+  a = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+  got = same_input({"x": a, "y": a.copy(), "z": a + 0.01, "w": a[:, :4]})
+  assert got == {"x": ["y"], "y": ["x"], "z": [], "w": []}
+
+
+def test_carry_reaches_a_reader_of_the_same_tensor_called_earlier():
+  images, v, truth = _widening_case()
+  cfg = {"layers": ["shortcut", "branch"], "tau": 1.5, "confirm_samples": 2000,
+         "min_tail_flip": 0.3}
+  agree = lambda variables: np.mean(truth == np.argmax(np.asarray(
+      Widening().apply(variables, images[:len(truth)])), -1))
+  alone, rep_alone = defend(Widening(), v, images, config={**cfg, "carry": False},
+                            progress=False)
+  new, report = defend(Widening(), v, images, config=cfg, progress=False)
+  # The shortcut alone carries too little of the trigger for its own candidate to flip
+  # the tail; the branch's is kept, and the rest goes through the shortcut.
+  assert rep_alone["layers_projected"] == ["branch"]
+  assert _same(alone["params"]["shortcut"], v["params"]["shortcut"])
+  kept = [c for c in report["carried"] if c["kept"]]
+  assert [(c["from"], c["to"]) for c in kept] == [("branch", "shortcut")], report["carried"]
+  assert kept[0]["link"] > 0.99 and kept[0]["tail_flip"] >= 0.5
+  assert report["layers_projected"] == ["branch", "shortcut"]
+  assert agree(v) < 0.2 and agree(alone) < 0.8 and agree(new) > 0.85, (
+      agree(v), agree(alone), agree(new))
 
 
 def test_channel_link_tells_shared_channels_from_unrelated_ones():

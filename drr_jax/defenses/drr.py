@@ -9,7 +9,8 @@ direction Theorem 1 says v approximates), confirmed by whether removing it flips
 tail's predictions, and removed by replacing the component with its benign mean rather
 than zero, the constant folded into biases or BatchNorm running means; a kept direction
 is also removed from the later layers that read the same channels through identity
-shortcuts (`carry`, sequential mode). In the faithful 'sequential' mode the features of later
+shortcuts, and from every layer that reads the very same input tensor whatever the order
+the model calls them in (`carry`, sequential mode). In the faithful 'sequential' mode the features of later
 layers come from the network as modified so far; they are re-extracted only after a
 layer was actually projected (before that, the original network's features are exact).
 The 'one_pass' mode takes every layer's features from the original network and
@@ -87,7 +88,9 @@ def default_config() -> dict[str, Any]:
       # (the classifier included) that read the same channels through identity shortcuts
       # -- per-channel correlation of the two inputs over images, less that of unmatched
       # channels, at least `carry_link` -- where that flips at least half of the tail
-      # images whose prediction the removals so far left unchanged.
+      # images whose prediction the removals so far left unchanged. Layers that read the
+      # very same tensor (e.g. a 1x1 shortcut conv beside a block's first conv) are tried
+      # first, even if the model calls them earlier.
       "carry": True,
       "carry_link": 0.3,
       "seed": 0,
@@ -220,6 +223,21 @@ def channel_link(a: np.ndarray, b: np.ndarray) -> float:
   diag = np.trace(corr)
   off = (corr.sum() - diag) / max(c * c - c, 1)
   return float(diag / c - off)
+
+
+def same_input(means: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
+  """{layer: the other layers whose input is the very same tensor}, from each layer's
+  (N, C) per-image input means: equal arrays (to float32 rounding) mean one tensor read
+  twice, such as a block's first conv and its 1x1 shortcut conv."""
+  names = list(means)
+  out: dict[str, list[str]] = {n: [] for n in names}
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      x, y = means[a], means[b]
+      if x.shape == y.shape and np.allclose(x, y, rtol=1e-5, atol=1e-6):
+        out[a].append(b)
+        out[b].append(a)
+  return out
 
 
 def _skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float
@@ -477,19 +495,24 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   original = confirmer.base(variables) if carry else None  # the original predictions
   readers = [*order, classifier] if classifier not in order else list(order)
   lost: dict[str, list[np.ndarray]] = {}  # directions carried into each reader
+  siblings: dict[str, list[str]] = {}  # readers of the same tensor, from the first pass
   carried: list[dict[str, Any]] = []
   carried_kept = lambda: [c for c in carried if c["kept"]]
 
   def carry_on(name, v_kept, tails, current, means):
-    """`current` with each direction kept at `name` also removed from the later readers
-    of the same channels (`channel_link`), where that flips at least half of the tail
-    images whose prediction has not changed yet; records each try in `carried`."""
-    later = readers[readers.index(name) + 1:]
+    """`current` with each direction kept at `name` also removed from the other readers
+    of the same tensor and the later readers of the same channels (`channel_link`),
+    where that flips at least half of the tail images whose prediction has not changed
+    yet; records each try in `carried`."""
+    same = siblings.get(name, [])
+    later = [r for r in readers[readers.index(name) + 1:] if r not in same]
     for v, tail in zip(np.asarray(v_kept, np.float64).T, tails):
-      for r in later:
+      for r in [*same, *later]:
         if width[r] != width[name]:
           continue
-        link = channel_link(means[name], means[r])
+        # A sibling called before `name` was not re-extracted, but its input is this one.
+        mean_r = means[name] if r in same else means[r]
+        link = channel_link(means[name], mean_r)
         if link < cfg["carry_link"]:
           continue
         u = v.copy()
@@ -498,7 +521,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
         if np.linalg.norm(u) < 0.5:
           continue
         u = u / np.linalg.norm(u)
-        benign = means[r][~tail].mean(0).astype(np.float64)
+        benign = mean_r[~tail].mean(0).astype(np.float64)
         trial, mean_kept = project(current, r, u[:, None].astype(np.float32), benign)
         stats = confirmer.check_residual(original, current, trial, tail)
         ok = (stats["residual"] >= 10 and stats["tail_flip"] >= 0.5
@@ -553,6 +576,8 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
           later = readers[readers.index(name):] if carry else order[li:]
           feats, means = extract(model, variables, images, tuple(later),
                                  desc=f"features from {name}", **ext)
+          if carry and passes == 0:  # every reader is in the first pass
+            siblings = same_input(means)
           passes += 1
           stale = False
         x = feats[name]
