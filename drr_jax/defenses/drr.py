@@ -10,9 +10,10 @@ tail's predictions, and removed by replacing the component with its benign mean 
 than zero, the constant folded into biases or BatchNorm running means; a kept direction
 is also removed from the later layers that read the same channels through identity
 shortcuts, and from every layer that reads the very same input tensor whatever the order
-the model calls them in (`carry`, sequential mode). In the faithful 'sequential' mode the features of later
-layers come from the network as modified so far; they are re-extracted only after a
-layer was actually projected (before that, the original network's features are exact).
+the model calls them in (`carry`, sequential mode). In the faithful 'sequential' mode the
+features of later layers come from the network as modified so far; they are re-extracted
+only after a layer was actually projected (before that, the original network's features
+are exact).
 The 'one_pass' mode takes every layer's features from the original network and
 optimizes all frames of equal width together in one vmapped program.
 """
