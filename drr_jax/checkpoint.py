@@ -115,6 +115,31 @@ def check_fits(tree: Any, reference: Any, what: str) -> None:
                             f"{np.shape(flat[k])}, the model needs {np.shape(r)}")
 
 
+def export_variables(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
+  """Copies a run's model variables, attack record and meta (no optimizer state: a few
+  MB) from its latest checkpoint in `workdir` to a new checkpoint folder `out`, the form
+  in which the project commits the checkpoints its results come from. Returns `out`."""
+  src = Path(workdir)
+  if (src / "checkpoints").is_dir():
+    src = src / "checkpoints"
+  mngr_src = manager(src, create=False)
+  step = mngr_src.latest_step()
+  if step is None:
+    raise CheckpointError(f"{src} holds no complete checkpoint step")
+  items = restore(src, {"model": None, "attack": None, "meta": None}, step)
+  out = Path(out)
+  save(manager(out / "checkpoints", keep=1), step, items)
+  return out
+
+
+def poison_indices(attack: dict[str, Any]) -> np.ndarray:
+  """The sorted poisoned-image indices of an attack record: from its 'poison_mask', or
+  the 'poison_idx' list that checkpoints written before 2026-12-03 hold."""
+  if "poison_mask" in attack:
+    return np.flatnonzero(np.asarray(attack["poison_mask"])).astype(np.int64)
+  return np.asarray(attack["poison_idx"], np.int64)
+
+
 def load_model(directory: str | os.PathLike, step: int | None = None):
   """(model, variables, meta, attack record) of a run's checkpoint folder.
 

@@ -20,7 +20,8 @@ def get_config(preset: str = "cpu") -> dict[str, Any]:
       "seed": 0,
       "model": {"name": "wrn28_1", "width": 1.0},
       "attack": {"name": "badnets", "poison_ratio": 0.1, "target": 0, "alpha": 0.2,
-                 "patch_size": 3, "seed": 0},
+                 "patch_size": 3, "position": "br", "pattern": "random",
+                 "blend_pattern": "noise", "seed": 0},
       # 5 % of the training set is held out (as the EP/CLP authors do) for every
       # choice that must not see the test set.
       "data": {"val_fraction": 0.05, "split_seed": 0, "limit_train": None,

@@ -108,6 +108,31 @@ def finished_meta(workdir: str | os.PathLike, config: dict[str, Any]
   return meta
 
 
+def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
+               ckpt_root: str | os.PathLike, export_root: str | os.PathLike | None = None,
+               *, cache_dir: str | os.PathLike | None = None, progress: bool = True
+               ) -> Path:
+  """Trains a cell's model (resuming in <ckpt_root>/<cell_id>) unless a finished
+  checkpoint for its config exists there or in <export_root>/<cell_id>; exports the
+  variables-only copy to <export_root>/<cell_id> when that is given. Returns the folder
+  holding the finished checkpoint (the export where there is one)."""
+  tcfg = cell_config(cell)
+  cid = cell_id(cell)
+  workdir = Path(ckpt_root) / cid
+  exported = Path(export_root) / cid if export_root is not None else None
+  if exported is not None and finished_meta(exported, tcfg) is not None:
+    return exported
+  if finished_meta(workdir, tcfg) is None:
+    ds = datasets.load(tcfg, data_dir, cache_dir, test=False)
+    train_lib.train(tcfg, ds.train, ds.val, workdir, resume=True, progress=progress)
+  if exported is None:
+    return workdir
+  if exported.exists():  # debris of an export killed midway, or of another config
+    import shutil
+    shutil.rmtree(exported)
+  return checkpoint.export_variables(workdir, exported)
+
+
 def _metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size: int,
              progress: bool) -> dict[str, dict[str, float]]:
   out = {}
@@ -120,9 +145,11 @@ def _metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size:
 def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
              ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
              overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
-             progress: bool = True, git: dict[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool = True, git: dict[str, Any] | None = None,
+             export_root: str | os.PathLike | None = None) -> dict[str, Any]:
   """Runs one cell and writes its record; returns the record. `git` is the checkout state
-  of the code that runs (default: taken now, before the cell starts)."""
+  of the code that runs (default: taken now, before the cell starts). The model comes
+  from `train_cell` (a finished checkpoint is reused, an export preferred)."""
   t_cell = time.time()
   git = git if git is not None else utils.git_commit()
   cfg = experiment_config(cell, overrides)
@@ -131,15 +158,16 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
   workdir = Path(ckpt_root) / cid
   times: dict[str, float] = {}
 
-  ds = datasets.load(tcfg, data_dir, cache_dir)
-  meta = finished_meta(workdir, tcfg)
-  reused = meta is not None
+  reused = (finished_meta(workdir, tcfg) is not None or (
+      export_root is not None and finished_meta(Path(export_root) / cid, tcfg) is not None))
+  t0 = time.time()
+  workdir = train_cell(cell, data_dir, ckpt_root, export_root, cache_dir=cache_dir,
+                       progress=progress)
   if not reused:
-    t0 = time.time()
-    train_lib.train(tcfg, ds.train, ds.val, workdir, resume=True, progress=progress)
     times["train_wall_seconds_this_run"] = time.time() - t0
+  ds = datasets.load(tcfg, data_dir, cache_dir)
   model, variables, meta, attack_rec = checkpoint.load_model(workdir)
-  if not np.array_equal(np.asarray(attack_rec["poison_idx"]), ds.train.poison_idx):
+  if not np.array_equal(checkpoint.poison_indices(attack_rec), ds.train.poison_idx):
     raise checkpoint.CheckpointError(
         f"{workdir}: its poison indices differ from the data loaded now (another data "
         "copy or attack code?); move the checkpoint away to retrain")
@@ -197,10 +225,12 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
 def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
              ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
              overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
-             progress: bool = True) -> dict[str, list[str]]:
+             progress: bool = True, export_root: str | os.PathLike | None = None,
+             train_only: bool = False) -> dict[str, list[str]]:
   """Runs every cell whose record is not done, in order; a failing cell is logged to
   `<results>/<cell_id>.error.txt` and the grid goes on. Returns the cell ids by outcome:
-  {'skipped', 'done', 'failed'}."""
+  {'skipped', 'done', 'failed'}. With `train_only`, each cell is only trained and
+  exported (`train_cell`), and no record is written."""
   # The code this process runs is the checkout as it was now; later edits do not reach it.
   git = utils.git_commit()
   results_dir = Path(results_dir)
@@ -213,14 +243,20 @@ def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
     path = record_path(results_dir, cell)
     err_path = results_dir / f"{cid}.error.txt"
     status = record_status(path, experiment_config(cell, overrides))
+    if train_only:
+      status = "missing"
     if status == "done":
       outcome["skipped"].append(cid)
       continue
     if status != "missing":
       tqdm.write(f"{cid}: the record {path} is not usable ({status}); redoing the cell")
     try:
-      run_cell(cell, data_dir, ckpt_root, results_dir, overrides=overrides,
-               cache_dir=cache_dir, progress=progress, git=git)
+      if train_only:
+        train_cell(cell, data_dir, ckpt_root, export_root, cache_dir=cache_dir,
+                   progress=progress)
+      else:
+        run_cell(cell, data_dir, ckpt_root, results_dir, overrides=overrides,
+                 cache_dir=cache_dir, progress=progress, git=git, export_root=export_root)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
       err_path.write_text(traceback.format_exc())
       tqdm.write(f"{cid}: FAILED ({type(e).__name__}: {e}); traceback in {err_path}")

@@ -72,8 +72,13 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def attack_record(poisoned: PoisonedSet) -> dict[str, np.ndarray]:
-  return {"poison_idx": np.asarray(poisoned.poison_idx, np.int64),
-          "pattern": poisoned.trigger.pattern, "mask": poisoned.trigger.mask}
+  """What a checkpoint keeps of its attack (for analysis only): the trigger, and which
+  training images were poisoned as a 0/1 mask (N,), which orbax can also save for a clean
+  run, where an index list would be empty (`checkpoint.poison_indices` reads both)."""
+  mask = np.zeros(len(poisoned.labels), np.uint8)
+  mask[np.asarray(poisoned.poison_idx, np.int64)] = 1
+  return {"poison_mask": mask, "pattern": poisoned.trigger.pattern,
+          "mask": poisoned.trigger.mask}
 
 
 def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,

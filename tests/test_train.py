@@ -35,7 +35,7 @@ def test_two_steps_change_params_and_checkpoint_restores_bitwise(tmp_path):
   assert model2 == model
   assert _same(variables["params"], state["params"])
   assert _same(variables["batch_stats"], state["batch_stats"])
-  np.testing.assert_array_equal(record["poison_idx"], ps.poison_idx)
+  np.testing.assert_array_equal(checkpoint.poison_indices(record), ps.poison_idx)
   np.testing.assert_array_equal(record["pattern"], ps.trigger.pattern)
   assert meta2["config"] == cfg
 

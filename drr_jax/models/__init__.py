@@ -2,23 +2,38 @@
 `train`; `drr_jax.features` finds the feature each conv/dense weight consumes."""
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 
 from drr_jax.models.densenet import DenseNet, densenet121
+from drr_jax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
+from drr_jax.models.preact_resnet import PreActResNet, preact_resnet18
 from drr_jax.models.resnet import ResNet, resnet18
+from drr_jax.models.vgg import VGG, vgg11
 from drr_jax.models.wide_resnet import WideResNet, wrn28_1
+
+# name -> factory(width, num_classes); `width` scales every layer's channels (DenseNet:
+# its growth rate), 1.0 being the published model.
+MODELS: dict[str, Callable[[float, int], nn.Module]] = {
+    "resnet18": lambda w, n: resnet18(w, n),
+    "preact_resnet18": lambda w, n: preact_resnet18(w, n),
+    "wrn28_1": lambda w, n: wrn28_1(n, w),
+    "densenet121": lambda w, n: densenet121(n, w),
+    "vgg11": lambda w, n: vgg11(w, n),
+    "mobilenet_v2": lambda w, n: mobilenet_v2(w, n),
+}
 
 
 def get_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
-  """Model by name: 'resnet18' (with `width`), 'wrn28_1', 'densenet121'."""
-  if name == "resnet18":
-    return resnet18(width, num_classes)
-  if name == "wrn28_1":
-    return wrn28_1(num_classes)
-  if name == "densenet121":
-    return densenet121(num_classes)
-  raise ValueError(f"unknown model {name!r}; choose resnet18, wrn28_1 or densenet121")
+  """Model by name (one of `MODELS`) at a channel width multiplier."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {tuple(MODELS)}")
+  if not (isinstance(width, (int, float)) and 0 < width <= 8):
+    raise ValueError(f"model width must be a number in (0, 8], got {width!r}")
+  return MODELS[name](float(width), num_classes)
 
 
-__all__ = ["get_model", "ResNet", "WideResNet", "DenseNet", "resnet18", "wrn28_1",
-           "densenet121"]
+__all__ = ["MODELS", "get_model", "ResNet", "PreActResNet", "WideResNet", "DenseNet",
+           "VGG", "MobileNetV2", "resnet18", "preact_resnet18", "wrn28_1", "densenet121",
+           "vgg11", "mobilenet_v2"]

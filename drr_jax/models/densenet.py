@@ -52,5 +52,6 @@ class DenseNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def densenet121(num_classes: int = 10) -> DenseNet:
-  return DenseNet((6, 12, 24, 16), 32, 0.5, num_classes)
+def densenet121(num_classes: int = 10, width: float = 1.0) -> DenseNet:
+  """DenseNet-121; `width` scales the growth rate 32 (0.25: growth 8)."""
+  return DenseNet((6, 12, 24, 16), max(1, int(round(32 * width))), 0.5, num_classes)

@@ -28,7 +28,7 @@ class PreActBlock(nn.Module):
 
 class WideResNet(nn.Module):
   depth: int = 28
-  widen: int = 1
+  widen: float = 1.0
   num_classes: int = 10
 
   @nn.compact
@@ -37,7 +37,7 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4, got {self.depth}")
     n = (self.depth - 4) // 6
     x = conv(16, 3, name="stem_conv")(normalize(images))
-    for s, w in enumerate((16 * self.widen, 32 * self.widen, 64 * self.widen)):
+    for s, w in enumerate(max(1, int(round(c * self.widen))) for c in (16, 32, 64)):
       for b in range(n):
         x = PreActBlock(w, 2 if (s > 0 and b == 0) else 1,
                         name=f"stage{s + 1}_block{b + 1}")(x, train)
@@ -46,5 +46,6 @@ class WideResNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def wrn28_1(num_classes: int = 10) -> WideResNet:
-  return WideResNet(28, 1, num_classes)
+def wrn28_1(num_classes: int = 10, width: float = 1.0) -> WideResNet:
+  """WRN-28-1; `width` scales its channels (1.0: the paper's)."""
+  return WideResNet(28, width, num_classes)
