@@ -1,0 +1,217 @@
+"""Sites: the features of a network from which DRR can remove a direction exactly.
+
+A direction must be removed from a feature wherever the network reads it, or a path that
+still carries it (an identity shortcut, a concatenation, a parallel conv) keeps the
+backdoor alive. Params-only folding can do that at two kinds of place:
+
+- an *output site*: a conv/dense layer's output (before its BatchNorm). Every path that
+  uses this tensor reads it through the layer, so folding P = I - V V^T into the kernel's
+  output axis (kernel P, bias P) removes V from the feature in every path, exactly.
+- an *input site*: the tensor a layer reads, folded as P kernel into that layer and into
+  every other layer that reads the very same tensor. This is exact only where layers are
+  the tensor's only readers (e.g. the ReLU'd input of a pre-activation block, read by
+  conv1 and the 1x1 shortcut conv); where an identity shortcut or a concatenation also
+  reads it (the input of a post-activation ResNet block, a DenseNet feature), the fold
+  would leave that path untouched, so such a tensor is not offered as an input site. Which
+  case holds is not guessed from names: `find_sites` folds a random direction and compares
+  the network with one that projects the tensor explicitly -- at the output of the module
+  that made it, or else in front of every module that receives it -- on probe images.
+  (A tensor made by a plain function and also read by a plain function, outside any
+  module, is out of sight of this check.)
+
+Grouped (depthwise) convs mix no channels, so P cannot be folded into their kernels on
+either side; they are not sites, and their neighbours' sites (the 1x1 expansion conv's
+output, the 1x1 projection conv's input) are used instead.
+
+Removal either zeros the component (x P) or replaces it by a given mean mu
+(x - (x - mu) V V^T, "mean replacement"); the constant mu V V^T is folded into biases or
+BatchNorm running means by `projection.absorb_shifts`, or the removal falls back to
+zeroing where it cannot be folded exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drr_jax import features, projection
+
+SIDES = ("input", "output")
+
+
+class Site(NamedTuple):
+  """Where a direction can be removed. `layer` is the layer whose input (side 'input') or
+  output (side 'output') is the feature; `folds` the layers whose kernels take the fold
+  (for an input site, every layer that reads the same tensor); `receivers` the module
+  paths that receive the tensor as their first argument, and `origin` the module whose
+  output it is (None where a plain function such as a ReLU made it): where the explicit
+  projection happens."""
+  layer: str
+  side: str
+  folds: tuple[str, ...]
+  receivers: tuple[str, ...]
+  origin: str | None = None
+
+  @property
+  def name(self) -> str:
+    return f"{self.layer}:{'in' if self.side == 'input' else 'out'}"
+
+
+class _Call(NamedTuple):
+  path: str
+  module: nn.Module
+  arg: Any
+  out: Any
+
+
+def _trace_calls(model: nn.Module | Callable, variables: Mapping[str, Any],
+                 probe: jax.Array) -> list[_Call]:
+  """Every module call of one eager forward pass, in call order, with its first argument
+  and output (the arrays are kept, so their identities stay unique)."""
+  calls: list[_Call] = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__":
+      calls.append(_Call("/".join(context.module.scope.path), context.module,
+                         args[0] if args else None, out))
+    return out
+
+  with nn.intercept_methods(record):
+    features.as_apply_fn(model)(variables, probe)
+  return calls
+
+
+def is_foldable(module: nn.Module) -> bool:
+  """A conv or dense layer whose kernel mixes channels (not a grouped/depthwise conv)."""
+  if isinstance(module, nn.Dense):
+    return True
+  return isinstance(module, nn.Conv) and int(module.feature_group_count) == 1
+
+
+def _project(x: jax.Array, frame: jax.Array, mean: jax.Array | None) -> jax.Array:
+  """x with its component along the (C, k) frame removed (zeroed, or set to `mean`'s)."""
+  centered = x if mean is None else x - mean
+  return x - (centered @ frame) @ frame.T
+
+
+def explicit_apply(model: nn.Module | Callable, site: Site, frame: Any,
+                   mean: Any | None = None) -> Callable:
+  """apply(variables, images) of the network with the site's feature projected at run
+  time (no change to the weights): the reference a fold must equal."""
+  apply = features.as_apply_fn(model)
+  frame = jnp.asarray(frame, jnp.float32)
+  mean_ = None if mean is None else jnp.asarray(mean, jnp.float32)
+  receivers = set(site.receivers)
+
+  def f(variables, images):
+    def hook(next_fun, args, kwargs, context):
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      path = "/".join(context.module.scope.path)
+      if site.side == "input" and site.origin is None and path in receivers:
+        # idempotent, so a receiver nested in another receiver is harmless
+        args = (_project(args[0].astype(jnp.float32), frame, mean_).astype(
+            args[0].dtype if jnp.issubdtype(args[0].dtype, jnp.floating) else jnp.float32),
+            *args[1:])
+        return next_fun(*args, **kwargs)
+      out = next_fun(*args, **kwargs)
+      if ((site.side == "output" and path == site.layer)
+          or (site.side == "input" and path == site.origin)):
+        out = _project(out.astype(jnp.float32), frame, mean_).astype(
+            out.dtype if jnp.issubdtype(out.dtype, jnp.floating) else jnp.float32)
+      return out
+
+    with nn.intercept_methods(hook):
+      return apply(variables, images)
+
+  return f
+
+
+def fold(variables: Mapping[str, Any], site: Site, frame: Any) -> dict[str, Any]:
+  """Variables with the frame (C, k) zeroed out of the site's feature, folded into the
+  kernels of `site.folds` (input side: P kernel; output side: kernel P, bias P)."""
+  frame = jnp.asarray(frame, jnp.float32)
+  params = projection.fold(variables["params"], {name: frame for name in site.folds},
+                           site.side)
+  return {**variables, "params": params}
+
+
+def fold_with_mean(model: nn.Module | Callable, variables: Mapping[str, Any], site: Site,
+                   frame: Any, mean: Any, probe: jax.Array,
+                   coverage: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], bool]:
+  """(variables, True) with the frame's component of the site's feature replaced by that
+  of `mean` (C,), the constant folded exactly (biases, BatchNorm running means); or the
+  zeroing fold and False where the constant cannot be folded. `coverage`: per input-side
+  fold layer, its `projection.tap_coverage` (computed here when missing)."""
+  frame = jnp.asarray(frame, jnp.float32)
+  folded = fold(variables, site, frame)
+  kernels = features.layer_kernels(variables["params"])
+  shifts = {}
+  for name in site.folds:
+    cov = None
+    if site.side == "input":
+      cov = (coverage or {}).get(name)
+      if cov is None:
+        cov = projection.tap_coverage(model, variables, name, probe)
+    shifts[name] = projection.mean_shift(kernels[name], frame, mean, site.side, cov)
+  return projection.absorb_shifts(model, folded, shifts, probe)
+
+
+def _receivers(calls: Sequence[_Call], arg: Any) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(c.path for c in calls if c.arg is arg))
+
+
+def find_sites(model: nn.Module | Callable, variables: Mapping[str, Any],
+               probe: jax.Array, *, sides: Sequence[str] = SIDES, seed: int = 0,
+               rtol: float = 1e-4) -> list[Site]:
+  """The sites of a network, in call order (for each layer: input site, then output site).
+
+  Input sites are checked for exactness on `probe` images: a random unit direction folded
+  into the readers must give the logits of its explicit projection (relative tolerance
+  `rtol`); a tensor that a non-layer path also reads fails and is left out. The
+  classifier's output (the logits) is not a site.
+  """
+  for s in sides:
+    if s not in SIDES:
+      raise ValueError(f"unknown side {s!r}; choose from {SIDES}")
+  calls = _trace_calls(model, variables, probe)
+  layers = [c for c in calls if features.is_layer(c.module)]
+  seen: set[str] = set()
+  order = []
+  for c in layers:
+    if c.path not in seen:
+      seen.add(c.path)
+      order.append(c)
+  classifier = order[-1].path if order else None
+  kernels = features.layer_kernels(variables["params"])
+  rng = np.random.default_rng(seed)
+  apply = features.as_apply_fn(model)
+  base_scale = None
+  sites: list[Site] = []
+  done_inputs: set[str] = set()
+  for c in order:
+    if not is_foldable(c.module) or c.path not in kernels:
+      continue
+    if "input" in sides and c.path not in done_inputs:
+      readers = tuple(dict.fromkeys(
+          d.path for d in layers if d.arg is c.arg))
+      done_inputs.update(readers)
+      if all(is_foldable(d.module) for d in layers if d.arg is c.arg):
+        origin = next((d.path for d in calls if d.out is c.arg), None)
+        site = Site(c.path, "input", readers, _receivers(calls, c.arg), origin)
+        v = rng.standard_normal((kernels[c.path].shape[-2], 1))
+        v = jnp.asarray(v / np.linalg.norm(v), jnp.float32)
+        want = explicit_apply(model, site, v)(variables, probe)
+        got = apply(fold(variables, site, v), probe)
+        if base_scale is None:
+          base_scale = max(1.0, float(jnp.max(jnp.abs(apply(variables, probe)))))
+        if float(jnp.max(jnp.abs(want - got))) <= rtol * base_scale:
+          sites.append(site)
+    if "output" in sides and c.path != classifier:
+      sites.append(Site(c.path, "output", (c.path,), (c.path,)))
+  return sites
