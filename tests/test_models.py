@@ -57,3 +57,42 @@ def test_batchnorm_train_and_eval_modes():
   assert any(jax.tree.leaves(changed))  # running stats move in training mode
   y_eval = model.apply(v, x, train=False)
   assert not np.allclose(y_train, y_eval)  # batch vs running statistics
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mobilenet_depthwise_conv_equals_a_grouped_conv(stride):
+  import flax.linen as nn
+  from drr_jax.models.mobilenet_v2 import DepthwiseConv3x3
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 8)), jnp.float32)
+  m = DepthwiseConv3x3(stride)
+  v = m.init(jax.random.key(0), x)
+  ref = nn.Conv(8, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)],
+                feature_group_count=8, use_bias=False)
+  np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "vgg11", "mobilenet_v2", "densenet121",
+                                  "wrn28_1"])
+def test_zoo_models_run_at_reduced_width(name):
+  model = get_model(name, width=0.25)
+  x = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  out = jax.eval_shape(lambda v: model.apply(v, x), v)
+  assert out.shape == (2, 10)
+
+
+def test_unknown_model_and_bad_width_are_named():
+  with pytest.raises(ValueError, match="unknown model 'resnet19'"):
+    get_model("resnet19")
+  with pytest.raises(ValueError, match="width"):
+    get_model("resnet18", width=0)
+
+
+@pytest.mark.parametrize("name,expected", [
+    # kuangliu/pytorch-cifar's PreActResNet18 and MobileNetV2, counted from their
+    # definitions (10 classes)
+    ("preact_resnet18", 11_171_146),
+    ("mobilenet_v2", 2_296_922),
+])
+def test_zoo_parameter_counts(name, expected):
+  assert _count(get_model(name)) == expected
