@@ -96,3 +96,15 @@ def test_unknown_model_and_bad_width_are_named():
 ])
 def test_zoo_parameter_counts(name, expected):
   assert _count(get_model(name)) == expected
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_equals_a_1x1_nn_conv(stride):
+  import flax.linen as nn
+  from drr_jax.models.common import PointwiseConv
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 6)), jnp.float32)
+  m = PointwiseConv(5, (1, 1), (stride, stride), padding="VALID", use_bias=False)
+  v = m.init(jax.random.key(0), x)
+  ref = nn.Conv(5, (1, 1), (stride, stride), padding="VALID", use_bias=False)
+  assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), atol=1e-5)
