@@ -8,6 +8,7 @@ explicit both ways: `kernel_path(name)` and `layer_name(kernel_path)`.
 
 Inputs are sown into Flax's 'intermediates' collection by a method interceptor (Flax's
 `capture_intermediates` records outputs only); outputs come from `capture_intermediates`.
+`extract` streams a data set through the model and returns the pooled features on the host.
 """
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
+from tqdm.auto import tqdm
 
 LAYER_TYPES = (nn.Conv, nn.Dense)
 _INPUT = "__input__"
 _OUTPUT = "__call__"
+
+
+class FeatureError(ValueError):
+  """Features that cannot be used (NaN or Inf); the message names the layer."""
 
 
 def as_apply_fn(model: nn.Module | Callable) -> Callable:
@@ -185,3 +192,33 @@ def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> lis
     jax.eval_shape(lambda v, x: apply(v, x), variables,
                    jnp.zeros((1, *image_shape), jnp.uint8))
   return order
+
+
+def extract(model: nn.Module | Callable, variables: Any, images: np.ndarray,
+            layers: tuple[str, ...], *, outputs: bool, pooling: str, batch_size: int,
+            progress: bool = True, desc: str = "features", with_means: bool = False
+            ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Streams the images through the model; returns {layer: (rows, C)} on the host, and
+  with `with_means` also {layer: (N, C)} each image's mean of the feature over positions.
+  Raises FeatureError when a layer's features hold NaN or Inf."""
+  fn = pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers, with_means=True)
+  chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+  mean_chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+  n = len(images)
+  for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    x = images[i:i + batch_size]
+    m = len(x)
+    if m < batch_size and n > batch_size:  # pad: one compiled program for every batch
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - m, 0)])
+    out, means = jax.device_get(fn(variables, x))
+    for k, v in out.items():
+      rows = v.shape[0] // len(x) * m
+      chunks[k].append(v[:rows])
+      mean_chunks[k].append(means[k][:m])
+  feats = {k: np.concatenate(v) for k, v in chunks.items()}
+  for k, v in feats.items():
+    if not np.all(np.isfinite(v)):
+      raise FeatureError(f"the features of layer {k!r} contain NaN or Inf")
+  if with_means:
+    return feats, {k: np.concatenate(v) for k, v in mean_chunks.items()}
+  return feats

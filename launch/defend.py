@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--data_dir", help="CIFAR-10 zips folder (default: $DRR_DATA_DIR)")
   p.add_argument("--out", help="folder for the defended checkpoint (must not exist)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="DRR setting, e.g. --set k=2 --set tau=1.5 (see defenses/drr.py)")
+                 help="DRR setting, e.g. --set k=2 --set tau=1.5 (see defenses/drr/config.py)")
   p.add_argument("--no_test", action="store_true", help="skip the test-set evaluation")
   args = p.parse_args(argv)
   out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.checkpoint))

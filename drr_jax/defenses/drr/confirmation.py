@@ -1,0 +1,110 @@
+"""Confirmation: does removing a candidate direction change the predictions of (most of)
+the images in its skewed tail, and few others?
+
+A `Confirmer` holds a fixed random subset S of the defense set (the confirmation images)
+and predicts on it with the network before and after a trial removal: the tail flip
+(share of tail images whose prediction changes), the collateral (the same share among up
+to `COLLATERAL` images outside the tail), the residual statistics used when a direction
+is carried to other readers, and each image's feature at the place where a direction
+fires most (`rows`, for the located estimate).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from drr_jax import features, inference
+
+COLLATERAL = 1000  # confirmation images on which a removal's collateral is measured
+
+
+class Confirmer:
+  """Tests candidate directions on a fixed subset S of the defense set: does removing a
+  direction change the predictions of (most of) the images in its skewed tail?
+
+  The predictions of the network as it stands are cached (`base`), keyed by the identity
+  of its variables' top-level values.
+  """
+
+  def __init__(self, model: nn.Module | Callable, images: np.ndarray, *, samples: int,
+               batch_size: int, seed: int):
+    n = len(images)
+    m = min(int(samples), n)
+    self.n = n
+    self.idx = np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+    self.images, self.model = images[self.idx], model
+    self.batch = min(int(batch_size), m)
+    # the images on which collateral changes are counted (positions in self.images)
+    self.side = np.sort(np.random.default_rng(seed + 1).permutation(m)[:COLLATERAL])
+    self._base_key, self._base = None, None
+
+  def _predict(self, variables: Any) -> np.ndarray:
+    return inference.predict(self.model, variables, self.images, self.batch, progress=False)
+
+  def base(self, variables: Any) -> np.ndarray:
+    """Predictions of the network as it stands, recomputed only when its variables change."""
+    key = tuple(variables.values())  # held, so their ids cannot be reused meanwhile
+    if self._base_key is None or len(key) != len(self._base_key) or any(
+        a is not b for a, b in zip(key, self._base_key)):
+      self._base, self._base_key = self._predict(variables), key
+    return self._base
+
+  def rows(self, variables: Any, layer: str, v: np.ndarray, outputs: bool) -> np.ndarray:
+    """(m, C) float64: each confirmation image's feature of `layer` at its position where
+    the projection on v is largest (`features.located_fn`)."""
+    fn = features.located_fn(self.model, layer, outputs=outputs)
+    vj = jnp.asarray(v, jnp.float32)
+    out = []
+    for i in range(0, len(self.images), self.batch):
+      x = self.images[i:i + self.batch]
+      m = len(x)
+      if m < self.batch:  # pad: one compiled program for every batch
+        x = np.concatenate([x, np.repeat(x[-1:], self.batch - m, 0)])
+      out.append(np.asarray(fn(variables, x, vj))[:m])
+    return np.concatenate(out).astype(np.float64)
+
+  def _changed(self, variables: Any, trial: Any, rows: np.ndarray) -> np.ndarray:
+    """Whether the trial's prediction differs from the current one, on images[rows]
+    (padded to whole batches, so one compiled program serves every count)."""
+    before = self.base(variables)[rows]
+    images = self.images[rows]
+    pad = -len(rows) % self.batch
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+    after = inference.predict(self.model, trial, images, self.batch, progress=False)
+    return before != after[:len(rows)]
+
+  def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray
+             ) -> tuple[float, float]:
+    """(share of images[rows] whose prediction the trial changes, the same share among
+    the `side` images outside the tail: the collateral); tail: mask over self.images."""
+    if not len(rows):
+      return 0.0, 0.0
+    flip = float(np.mean(self._changed(variables, trial, rows)))
+    others = self.side[~tail[self.side]]
+    if not len(others):
+      return flip, 0.0
+    return flip, float(np.mean(self._changed(variables, trial, others)))
+
+  def check_residual(self, original: np.ndarray, variables: Any, trial: Any,
+                     tail: np.ndarray) -> dict[str, float]:
+    """Carry statistics: among the tail images whose prediction is still the original
+    network's (`original`: its predictions), the share the trial changes; and the
+    collateral, as in `check`."""
+    tail = tail[self.idx]
+    rows = np.flatnonzero(tail & (self.base(variables) == original))
+    flip, collateral = self._flips(variables, trial, tail, rows)
+    return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
+
+  def check(self, variables: Any, trial: Any, tail: np.ndarray) -> dict[str, float]:
+    """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
+    the defense set. The trial predicts only the tail images and the non-tail ones among
+    `side`, not the whole confirmation set."""
+    tail = tail[self.idx]
+    rows = np.flatnonzero(tail)
+    flip, collateral = self._flips(variables, trial, tail, rows)
+    return {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
+            "collateral": collateral}

@@ -1,0 +1,117 @@
+"""The layer loop, in its two modes; the run's accumulated state is a `LoopState` passed
+into and returned from each stage (`decide`, `carry_on`), never shared by closures.
+
+'sequential' (Algorithm 1): layers first to last; a layer's features come from the network
+as modified so far, re-extracted only after a layer was actually projected (before that,
+the original network's features are exact). With `rounds` > 1 a layer is revisited, with
+re-extracted features, while directions are still kept there; with carrying, each kept
+direction is also tried at the other readers of the same channels (`readers.carry_on`).
+'one_pass': every layer's features come from the original network, all frames of equal
+shape are optimized together in one vmapped program, and the kept directions are
+projected at the end.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from drr_jax import stiefel
+from drr_jax.defenses.drr.decision import decide
+from drr_jax.defenses.drr.inputs import extract
+from drr_jax.defenses.drr.readers import carry_on, same_input
+from drr_jax.defenses.drr.report import layer_entry
+from drr_jax.defenses.drr.state import LoopState, Run
+
+
+class LoopResult(NamedTuple):
+  variables: dict[str, Any]       # the defended network
+  entries: list[dict[str, Any]]   # one report entry per layer visit
+  passes: int                     # feature passes over the images
+  state: LoopState                # the final state (carried tries among it)
+
+
+def run_layers(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
+  """The layer loop of `run.cfg.mode` from `variables` and `state`."""
+  if run.cfg.mode == "one_pass":
+    return one_pass(run, variables, state)
+  return sequential(run, variables, state)
+
+
+def one_pass(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
+  """Every layer decided on the original network's features; kept frames projected last."""
+  order, progress = run.order, run.progress
+  entries: list[dict[str, Any]] = []
+  feats, means = extract(run.model, variables, run.images, tuple(order),
+                         **run.extract_options())
+  by_shape: dict[tuple[int, int], list[str]] = {}
+  for name in order:
+    by_shape.setdefault(feats[name].shape, []).append(name)
+  results = {}
+  for shape, names in tqdm(by_shape.items(), desc="directions", disable=not progress,
+                           leave=False):
+    t0 = time.time()
+    res = jax.device_get(stiefel.maximize_stacked(
+        np.stack([feats[n] for n in names]), run.k(names[0]), **run.search_options()))
+    for i, name in enumerate(names):
+      results[name] = (stiefel.FrameResult(res.frame[i], res.values[i], res.history[i]),
+                       (time.time() - t0) / len(names))
+  frames = {}
+  for name in tqdm(order, desc="confirm", disable=not progress, leave=False):
+    res, dt = results[name]
+    t0 = time.time()
+    d, state = decide(run, state, name, feats[name], res, variables, means[name])
+    if d.keep.any():
+      frames[name] = (d.v_kept, d.anchor)
+    entries.append(layer_entry(name, feats[name], res, d.keep, d.checks,
+                               dt + time.time() - t0, d.v_kept))
+  coverage = state.coverage
+  for name, (v, anchor) in frames.items():  # all from the original network's features
+    variables, _, coverage = run.removal.project(variables, name, v, anchor, coverage)
+  return LoopResult(variables, entries, 1, state._replace(coverage=coverage))
+
+
+def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
+  """Layers first to last, each decided on the network as modified so far."""
+  order, readers, carry = run.order, run.readers, run.carry
+  entries: list[dict[str, Any]] = []
+  passes = 0
+  feats, means, stale = None, None, True
+  bar = tqdm(order, desc="DRR layers", disable=not run.progress)
+  for li, name in enumerate(bar):
+    # directions already projected out of this layer's input
+    removed = [np.stack(state.lost[name], 1)] if name in state.lost else []
+    for _ in range(int(run.cfg.rounds)):
+      t0 = time.time()
+      if stale:  # features of this and later layers, from the network as modified so far
+        later = readers[readers.index(name):] if carry else order[li:]
+        feats, means = extract(run.model, variables, run.images, tuple(later),
+                               desc=f"features from {name}", **run.extract_options())
+        if carry and passes == 0:  # every reader is in the first pass
+          state = state._replace(siblings=same_input(means))
+        passes += 1
+        stale = False
+      x = feats[name]
+      if removed and not run.outputs:
+        # Input-side folding changes the kernel, not its input: look at the input as
+        # the kernel now sees it, with the removed directions projected out.
+        v = np.concatenate(removed, axis=1)
+        x = x - (x @ v) @ v.T
+      res = jax.device_get(stiefel.maximize(x, run.k(name), **run.search_options()))
+      prior = [u for v in removed for u in np.asarray(v, np.float64).T]
+      d, state = decide(run, state, name, x, res, variables, means[name], prior)
+      variables = d.variables
+      if d.keep.any():
+        removed.append(d.v_kept)
+        stale = True
+        if carry:
+          variables, state = carry_on(run, state, name, d.v_kept, d.tails, variables, means)
+      entries.append(layer_entry(name, x, res, d.keep, d.checks, time.time() - t0,
+                                 d.v_kept))
+      bar.set_postfix(kept=sum(e["kept"] for e in entries) + len(state.carried_kept()))
+      if not d.keep.any():  # nothing more to remove here: next layer
+        break
+  return LoopResult(variables, entries, passes, state)
