@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from drr_jax import analysis, checkpoint, configs, data, datasets, evaluate, features, utils
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
+from drr_jax.defenses.paper import paper_config
 from drr_jax.grid import Cell, cell_config, cell_id
 
 SCHEMA = 1
-OVERRIDABLE = ("drr", "analysis")  # sections --set may change; training is the cell's
+OVERRIDABLE = ("drr", "paper", "analysis")  # sections --set may change; training is fixed
 
 
 def experiment_config(cell: Cell, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -37,9 +38,14 @@ def experiment_config(cell: Cell, overrides: Sequence[str] = ()) -> dict[str, An
     if item.partition(".")[0] not in OVERRIDABLE:
       raise KeyError(f"override {item!r}: only {OVERRIDABLE} settings can be set for a "
                      "grid (a cell's training config is fixed by the grid)")
+  # Zoo cells (named ones) skip the analysis (C per layer, tau sweep): it needs the poison
+  # indices and a second feature pass, and the zoo's tables do not show it.
   cfg = {"training": cell_config(cell), "drr": drr.default_config(),
-         "analysis": {"taus": list(analysis.TAUS)}}
+         "paper": {**drr.default_config(), **paper_config()},
+         "analysis": None if cell.name else {"taus": list(analysis.TAUS)}}
   cfg = configs.override(cfg, list(overrides))
+  for section in ("drr", "paper"):  # bad settings fail here, before any training
+    drr.make_config(cfg[section])
   return json.loads(json.dumps(utils.jsonable(cfg)))
 
 
@@ -191,17 +197,17 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
   del defended
 
   t0 = time.time()
-  order = features.layer_order(model, variables, ds.train.images.shape[1:])
-  feats = drr.extract(model, variables, ds.train.images, tuple(order),
-                      outputs=dcfg["side"] == "output", pooling=dcfg["pooling"],
-                      batch_size=int(dcfg["batch_size"]), progress=progress,
-                      desc="analysis features")
-  times["analysis_feature_pass_seconds"] = time.time() - t0
-  result = analysis.analyze(model, variables, feats, order, ds.train.poison_idx, ds.val,
-                            trigger, acfg, dcfg, taus=cfg["analysis"]["taus"],
-                            progress=progress)
-  del feats
-  times["analysis_seconds"] = time.time() - t0
+  defended, paper_report = drr.defend(model, variables, ds.train.images,
+                                      config=cfg["paper"], progress=progress)
+  times["paper_defense_seconds"] = time.time() - t0
+  paper = {"after": _metrics(model, defended, ds, trigger, acfg, bs, progress),
+           "drr": paper_report}
+  del defended
+
+  result = None
+  if cfg["analysis"] is not None:
+    result, seconds = _analysis(model, variables, ds, trigger, acfg, dcfg, cfg, progress)
+    times.update(seconds)
   times["cell_wall_seconds"] = time.time() - t_cell
 
   record = {
@@ -213,13 +219,31 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
                    data.resolve_data_dir(data_dir) / "cifar10-train.zip")},
       "checkpoint": {"dir": str(workdir), "reused": reused,
                      "epochs": len(meta["history"]), "history": meta["history"]},
-      "before": before, "after": after, "drr": report, "analysis": result,
+      "before": before, "after": after, "drr": report, "paper": paper, "analysis": result,
       "times": times, "machine": utils.machine_description(), "git": git,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   record = utils.jsonable(record)
   utils.write_json_atomic(record_path(results_dir, cell), record)
   return record
+
+
+def _analysis(model, variables, ds, trigger, acfg, dcfg, cfg, progress):
+  """C of Assumption 2 per layer and the tau sweep (`drr_jax.analysis`), and its times."""
+  times = {}
+  t0 = time.time()
+  order = features.layer_order(model, variables, ds.train.images.shape[1:])
+  feats = drr.extract(model, variables, ds.train.images, tuple(order),
+                      outputs=dcfg["side"] == "output", pooling=dcfg["pooling"],
+                      batch_size=int(dcfg["batch_size"]), progress=progress,
+                      desc="analysis features")
+  times["analysis_feature_pass_seconds"] = time.time() - t0
+  result = analysis.analyze(model, variables, feats, order, ds.train.poison_idx, ds.val,
+                            trigger, acfg, dcfg, taus=cfg["analysis"]["taus"],
+                            progress=progress)
+  del feats
+  times["analysis_seconds"] = time.time() - t0
+  return result, times
 
 
 def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,

@@ -38,6 +38,10 @@ def as_apply_fn(model: nn.Module | Callable) -> Callable:
 
 
 def is_layer(module: nn.Module) -> bool:
+  """A conv or dense layer whose kernel mixes channels: a grouped (depthwise) conv's
+  kernel cannot take a projection on either side, so it is not a DRR layer."""
+  if isinstance(module, nn.Conv) and int(module.feature_group_count) != 1:
+    return False
   return isinstance(module, LAYER_TYPES)
 
 

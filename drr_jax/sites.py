@@ -87,9 +87,7 @@ def _trace_calls(model: nn.Module | Callable, variables: Mapping[str, Any],
 
 def is_foldable(module: nn.Module) -> bool:
   """A conv or dense layer whose kernel mixes channels (not a grouped/depthwise conv)."""
-  if isinstance(module, nn.Dense):
-    return True
-  return isinstance(module, nn.Conv) and int(module.feature_group_count) == 1
+  return features.is_layer(module)
 
 
 def _project(x: jax.Array, frame: jax.Array, mean: jax.Array | None) -> jax.Array:
@@ -180,7 +178,7 @@ def find_sites(model: nn.Module | Callable, variables: Mapping[str, Any],
     if s not in SIDES:
       raise ValueError(f"unknown side {s!r}; choose from {SIDES}")
   calls = _trace_calls(model, variables, probe)
-  layers = [c for c in calls if features.is_layer(c.module)]
+  layers = [c for c in calls if isinstance(c.module, features.LAYER_TYPES)]
   seen: set[str] = set()
   order = []
   for c in layers:

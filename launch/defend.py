@@ -14,7 +14,11 @@ import time
 import numpy as np
 
 from drr_jax import attacks, checkpoint, configs, datasets, evaluate, utils
-from drr_jax.defenses import DefenseError, default_config, defend, format_report
+from drr_jax.defenses import (DefenseError, default_config, defend, format_report,
+                              paper_config)
+from drr_jax.defenses.drr import make_config
+
+PRESETS = ("drr", "paper")
 
 
 def _metrics(model, variables, split, trigger, acfg, progress=True):
@@ -27,6 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--checkpoint", required=True, help="a run folder written by launch.train")
   p.add_argument("--data_dir", help="CIFAR-10 zips folder (default: $DRR_DATA_DIR)")
   p.add_argument("--out", help="folder for the defended checkpoint (must not exist)")
+  p.add_argument("--preset", default="drr", choices=PRESETS,
+                 help="drr: the project's defaults; paper: Algorithm 1 of the paper as "
+                 "written (drr_jax/defenses/paper.py)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="DRR setting, e.g. --set k=2 --set tau=1.5 (see defenses/drr/config.py)")
   p.add_argument("--no_test", action="store_true", help="skip the test-set evaluation")
@@ -35,7 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
                                  + "-drr")
   if os.path.exists(out):
     sys.exit(f"error: {out} already exists; choose another --out")
-  drr_cfg = configs.override(default_config(), args.set)
+  base = {**default_config(), **(paper_config() if args.preset == "paper" else {})}
+  try:
+    drr_cfg = configs.override(base, args.set)
+    make_config(drr_cfg)  # every setting checked before anything is loaded
+  except (KeyError, ValueError) as e:
+    sys.exit(f"error: {e}")
   try:
     model, variables, meta, record = checkpoint.load_model(args.checkpoint)
   except checkpoint.CheckpointError as e:

@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
   p.add_argument("--ckpt_root", default=os.path.join("runs", "grid"),
                  help="checkpoints go to <ckpt_root>/<cell_id>, and are reused from there")
   p.add_argument("--results", help="folder for the records (default: results/<grid>)")
-  p.add_argument("--export", default=os.path.join("artifacts", "checkpoints"),
-                 help="finished models are copied (variables only) to <export>/<cell_id> "
-                 "and reused from there; '' to keep them only under --ckpt_root")
+  p.add_argument("--export", help="finished models are copied (variables only) to "
+                 "<export>/<cell_id> and reused from there (default: artifacts/checkpoints, "
+                 "the committed ones; none for the tiny grid); '' to keep them only under "
+                 "--ckpt_root")
   p.add_argument("--train_only", action="store_true",
                  help="only train (and export) the cells' models; write no records")
   p.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
@@ -45,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     experiment.experiment_config(c, args.set)
   results = args.results or os.path.join("results", args.grid)
   print(f"grid {args.grid}: {len(cells)} cell(s) -> {results}", flush=True)
+  export = args.export
+  if export is None and args.grid != "tiny":
+    export = os.path.join("artifacts", "checkpoints")
   outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
-                                overrides=args.set, export_root=args.export or None,
+                                overrides=args.set, export_root=export or None,
                                 train_only=args.train_only)
   print(f"done {len(outcome['done'])}, already done {len(outcome['skipped'])}, "
         f"failed {len(outcome['failed'])} {outcome['failed']}")

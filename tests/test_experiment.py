@@ -231,3 +231,53 @@ def test_a_grid_records_the_checkout_its_process_started_from(tmp_path, monkeypa
                             tmp_path / "results", progress=False)
   assert out["done"] == [grid.cell_id(c) for c in grid.get_grid("tiny")]
   assert seen == [{"commit": "a" * 40, "dirty": False, "changed": []}] * 2
+
+
+def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
+  """A named (zoo) cell with attack settings, and a clean one: trained once, exported
+  (variables only) and reused from the export; the record holds the project's DRR and
+  the paper's, and no analysis."""
+  from drr_jax import checkpoint
+  monkeypatch.setenv("DRR_CACHE_DIR", str(tmp_path / "cache"))
+  data_dir = tmp_path / "data"
+  make_fake_zips(data_dir, per_class=30)
+  cells = [grid.Cell("resnet18", 0.125, "badnets", 0.1, 3, "tiny",
+                     (("patch_size", 4), ("position", "tl"), ("target", 5)), 1,
+                     "zoo-test-badnets"),
+           grid.Cell("resnet18", 0.125, "none", 0.0, 4, "tiny", (), 1, "zoo-test-clean")]
+  cfg = grid.cell_config(cells[0])
+  assert cfg["attack"]["patch_size"] == 4 and cfg["attack"]["target"] == 5
+  assert cfg["attack"]["seed"] == 3 and cfg["train"]["epochs"] == 1
+  export = tmp_path / "export"
+  out = experiment.run_grid(cells, data_dir, tmp_path / "ckpt", tmp_path / "results",
+                            export_root=export, train_only=True, progress=False)
+  assert out["done"] == ["zoo-test-badnets", "zoo-test-clean"]
+  assert not list((tmp_path / "results").glob("*.json"))  # train_only writes no record
+  for c in cells:
+    model, variables, meta, rec = checkpoint.load_model(export / c.name)
+    assert set(variables) == {"params", "batch_stats"}
+    assert "opt" not in checkpoint.manager(export / c.name / "checkpoints",
+                                           create=False).item_metadata(
+        checkpoint.manager(export / c.name / "checkpoints", create=False).latest_step())
+  assert len(checkpoint.poison_indices(rec)) == 0  # the clean cell saved its empty record
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the export must be reused")))
+  rec = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2", tmp_path / "results",
+                            overrides=["drr.steps=20", "drr.confirm_samples=64",
+                                       "paper.steps=20"],
+                            progress=False, export_root=export)
+  assert rec["analysis"] is None and rec["checkpoint"]["reused"] is True
+  assert rec["paper"]["drr"]["config"]["confirm"] is False
+  assert rec["paper"]["drr"]["config"]["k"] == 1
+  assert set(rec["paper"]["after"]) == {"val", "test"}
+  # the zoo report: one row per model, the paper's DRR beside the project's, the controls
+  experiment.run_cell(cells[1], data_dir, tmp_path / "ckpt2", tmp_path / "results",
+                      overrides=["drr.steps=20", "drr.confirm_samples=64",
+                                 "paper.steps=20"], progress=False, export_root=export)
+  paths, warnings = report.write_report(tmp_path / "results")
+  assert not warnings and set(paths) == {"table", "fig_zoo"}
+  table = paths["table"].read_text()
+  assert "`zoo-test-badnets`" in table and "BadNets 4x4 random tl, target 5, 10 %" in table
+  assert "paper DRR ACC / ASR" in table and "**mean of 1 backdoored**" in table
+  assert "## Clean controls" in table and "`zoo-test-clean`: DRR" in table
+  assert paths["fig_zoo"].stat().st_size > 1000
