@@ -464,3 +464,25 @@ def test_carry_removes_a_kept_direction_where_a_shortcut_delivers_it_too():
   assert one_pass["carried"] == [] and one_pass["layers_projected"] == ["branch"]
   with pytest.raises(DefenseError, match="carry_link"):
     defend(Stream(), v, images, config={"carry_link": 2.0}, progress=False)
+
+
+def test_sites_remove_a_stream_direction_in_every_path_without_carrying():
+  """side='sites': the stream s is read by the branch and by the identity shortcut, so it
+  is no input site of the branch; its producer's output site (or the stem's input) is,
+  and removing the direction there reaches both paths at once."""
+  images, v, truth = _stream_case()
+  cfg = {"side": "sites", "tau": 1.5, "confirm_samples": 2000, "min_tail_flip": 0.3}
+  agree = lambda variables: np.mean(truth == np.argmax(np.asarray(
+      Stream().apply(variables, images[:len(truth)])), -1))
+  new, report = defend(Stream(), v, images, config=cfg, progress=False)
+  visited = [e["layer"] for e in report["layers"]]
+  assert "branch:in" not in visited and "stem:out" in visited + report["layers_projected"]
+  assert report["carried"] == []
+  assert report["layers_projected"] and report["layers_projected"][0] in ("stem:in",
+                                                                            "stem:out")
+  assert agree(v) < 0.2 and agree(new) > 0.85, (agree(v), agree(new))
+  _, one_pass = defend(Stream(), v, images, config={**cfg, "mode": "one_pass"},
+                       progress=False)
+  assert one_pass["layers_projected"]
+  with pytest.raises(DefenseError, match="unknown layer"):
+    defend(Stream(), v, images, config={**cfg, "layers": ["nope"]}, progress=False)

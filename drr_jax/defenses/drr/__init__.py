@@ -70,16 +70,17 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   cfg = make_config(config)
   images = as_images(batch)
   check_fit(model, variables, images.shape[1:])
-  plan = layer_plan(model, variables, images.shape[1:], cfg)
+  plan = layer_plan(model, variables, images.shape[1:], cfg, images[:PROBE])
   t_start = time.time()
   variables = dict(variables)
   confirmer = (Confirmer(model, images, samples=cfg.confirm_samples,
                          batch_size=cfg.batch_size, seed=cfg.seed)
                if cfg.confirm else None)
-  removal = Removal(model, cfg.side, cfg.keep_mean, cfg.mean_fit, jnp.asarray(images[:PROBE]))
+  removal = Removal(model, cfg.side, cfg.keep_mean, cfg.mean_fit,
+                    jnp.asarray(images[:PROBE]), plan.sites)
   original = confirmer.base(variables) if carries(cfg, confirmer) else None
   run = Run(model, cfg, images, plan.order, plan.classifier, plan.width, removal,
-            confirmer, original, progress)
+            confirmer, original, progress, plan.sites)
   out = run_layers(run, variables, LoopState.initial(len(images)))
   report = build_report(cfg, out.entries, out.state.carried, out.passes, len(images),
                         time.time() - t_start)

@@ -19,7 +19,7 @@ import numpy as np
 from drr_jax import features, stiefel
 from drr_jax.defenses.drr.errors import DefenseError
 
-SIDES = ("input", "output")
+SIDES = ("input", "output", "sites")
 MODES = ("sequential", "one_pass")
 DIRECTIONS = ("skew", "tail_mean")
 MEAN_FITS = ("average", "interior")
@@ -35,7 +35,9 @@ class DRRConfig:
   Integer settings (steps, rounds, batch_size, confirm_samples) take integers or integral
   floats (200.0), which `int()` reads; `k` and `seed` take integers only.
   """
-  side: str = "input"         # project the feature a weight consumes (paper: W^ = P W)
+  side: str = "input"         # project the feature a weight consumes (paper: W^ = P W);
+                              # 'output': a layer's output (before BN); 'sites': every
+                              # exact site, input or output (drr_jax/sites.py)
   pooling: str = "max"        # conv feature -> per-channel spatial max per image
   k: int = 4                  # directions optimized per layer (multistart: starts, <= C)
   search: str = "multistart"  # 'joint' (St(C, k), Algorithm 1), 'greedy' (deflation) or

@@ -37,7 +37,7 @@ def decide(run: Run, state: LoopState, name: str, x: np.ndarray,
   cfg, confirmer = run.cfg, run.confirmer
   removed_tails, coverage = state.removed_tails, state.coverage
   values, frame = np.asarray(res.values), np.asarray(res.frame)
-  conv_layer = features.layer_kernels(base["params"])[name].ndim > 2
+  conv_layer = features.layer_kernels(base["params"])[run.layer_of(name)].ndim > 2
   keep = np.zeros(len(values), bool)
   kept: list[np.ndarray] = []
   tails: list[np.ndarray] = []
@@ -72,7 +72,7 @@ def decide(run: Run, state: LoopState, name: str, x: np.ndarray,
               and stats["tail_frac"] * len(confirmer.idx) >= 10):
         continue
       if cfg.locate and cfg.direction == "tail_mean" and conv_layer:
-        rows = confirmer.rows(base, name, v, run.outputs)
+        rows = confirmer.rows(base, run.layer_of(name), v, run.unit_outputs(name))
         alt = candidates.located(rows, tail[confirmer.idx], list(prior) + kept)
         if alt is not None:
           alt_trial, alt_kept, coverage = run.removal.project(

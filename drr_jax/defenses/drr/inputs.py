@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drr_jax import features
+from drr_jax import features, sites
 from drr_jax.defenses.drr.config import DRRConfig
 from drr_jax.defenses.drr.errors import DefenseError
 
@@ -56,21 +56,26 @@ def check_fit(model: nn.Module | Callable, variables: Any, image_shape: tuple[in
 
 
 class LayerPlan(NamedTuple):
-  """The layers DRR visits (in call order), the model's last layer, and each one's width
-  on the projected side (input or output channels)."""
+  """The units DRR visits (in call order: layers, or with side 'sites' the site names
+  'layer:in' / 'layer:out'), the model's last layer, each unit's width on the projected
+  side, and with side 'sites' the `sites.Site` of each unit."""
   order: list[str]
   classifier: str
   width: dict[str, int]
+  sites: dict[str, sites.Site] = {}
 
 
 def layer_plan(model: nn.Module | Callable, variables: Any, image_shape: tuple[int, ...],
-               cfg: DRRConfig) -> LayerPlan:
+               cfg: DRRConfig, probe: Any = None) -> LayerPlan:
   """The layers to visit: all conv/dense layers in call order, less the classifier with
-  `skip_classifier`, restricted to `cfg.layers`; checks that k fits their widths."""
+  `skip_classifier`, restricted to `cfg.layers`; checks that k fits their widths. With
+  side 'sites', the exact sites of those layers (`sites.find_sites` on `probe` images)."""
   order = features.layer_order(model, variables, image_shape)
   if not order:
     raise DefenseError("the model has no conv or dense layer to defend")
   classifier = order[-1]
+  if cfg.side == "sites":
+    return _site_plan(model, variables, cfg, order, classifier, probe)
   if cfg.skip_classifier and len(order) > 1:
     order = order[:-1]
   if cfg.layers is not None:
@@ -88,6 +93,58 @@ def layer_plan(model: nn.Module | Callable, variables: Any, image_shape: tuple[i
       if cfg.k > c:
         raise DefenseError(f"k = {cfg.k} exceeds the {c} channels of layer {name!r}")
   return LayerPlan(order, classifier, width)
+
+
+def _site_plan(model, variables, cfg: DRRConfig, order: list[str], classifier: str,
+               probe: Any) -> LayerPlan:
+  if probe is None:
+    raise DefenseError("side 'sites' needs probe images to find the sites")
+  found = sites.find_sites(model, variables, jnp.asarray(probe))
+  if cfg.skip_classifier:
+    found = [s for s in found if s.layer != classifier]
+  if cfg.layers is not None:
+    names = {s.name for s in found} | {s.layer for s in found}
+    unknown = set(cfg.layers) - names
+    if unknown:
+      raise DefenseError(f"unknown layer(s) or site(s) {sorted(unknown)}; DRR can visit "
+                         f"{[s.name for s in found]}")
+    found = [s for s in found if s.layer in cfg.layers or s.name in cfg.layers]
+  if not found:
+    raise DefenseError("the model has no site where a direction can be removed exactly")
+  kernels = features.layer_kernels(variables["params"])
+  width = {s.name: int(kernels[s.layer].shape[-2 if s.side == "input" else -1])
+           for s in found}
+  width[classifier] = int(kernels[classifier].shape[-2])
+  if cfg.search != "multistart":
+    for s in found:
+      if cfg.k > width[s.name]:
+        raise DefenseError(f"k = {cfg.k} exceeds the {width[s.name]} channels of site "
+                           f"{s.name!r}")
+  return LayerPlan([s.name for s in found], classifier, width, {s.name: s for s in found})
+
+
+def extract_units(model: nn.Module | Callable, variables: Any, images: np.ndarray,
+                  units: tuple[str, ...], site_of: dict[str, sites.Site], *,
+                  outputs: bool, pooling: str, batch_size: int, progress: bool = True,
+                  desc: str = "features", with_means: bool = False):
+  """`extract` for DRR's units: layers (on the run's side), or sites (each on its own
+  side: the inputs and the outputs are read in one pass each)."""
+  kw = dict(pooling=pooling, batch_size=batch_size, progress=progress, desc=desc,
+            with_means=True)
+  if not site_of:
+    out = extract(model, variables, images, units, outputs=outputs, **kw)
+    return out if with_means else out[0]
+  feats: dict[str, np.ndarray] = {}
+  means: dict[str, np.ndarray] = {}
+  for side in ("input", "output"):
+    wanted = [u for u in units if site_of[u].side == side]
+    layers = tuple(dict.fromkeys(site_of[u].layer for u in wanted))
+    if not layers:
+      continue
+    f, m = extract(model, variables, images, layers, outputs=side == "output", **kw)
+    for u in wanted:
+      feats[u], means[u] = f[site_of[u].layer], m[site_of[u].layer]
+  return (feats, means) if with_means else feats
 
 
 def extract(model: nn.Module | Callable, variables: Any, images: np.ndarray,

@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from drr_jax import stiefel
 from drr_jax.defenses.drr.decision import decide
-from drr_jax.defenses.drr.inputs import extract
 from drr_jax.defenses.drr.readers import carry_on, same_input
 from drr_jax.defenses.drr.report import layer_entry
 from drr_jax.defenses.drr.state import LoopState, Run
@@ -45,8 +44,7 @@ def one_pass(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResul
   """Every layer decided on the original network's features; kept frames projected last."""
   order, progress = run.order, run.progress
   entries: list[dict[str, Any]] = []
-  feats, means = extract(run.model, variables, run.images, tuple(order),
-                         **run.extract_options())
+  feats, means = run.extract(variables, tuple(order))
   by_shape: dict[tuple[int, int], list[str]] = {}
   for name in order:
     by_shape.setdefault(feats[name].shape, []).append(name)
@@ -88,14 +86,13 @@ def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
       t0 = time.time()
       if stale:  # features of this and later layers, from the network as modified so far
         later = readers[readers.index(name):] if carry else order[li:]
-        feats, means = extract(run.model, variables, run.images, tuple(later),
-                               desc=f"features from {name}", **run.extract_options())
+        feats, means = run.extract(variables, tuple(later), desc=f"features from {name}")
         if carry and passes == 0:  # every reader is in the first pass
           state = state._replace(siblings=same_input(means))
         passes += 1
         stale = False
       x = feats[name]
-      if removed and not run.outputs:
+      if removed and not run.unit_outputs(name):
         # Input-side folding changes the kernel, not its input: look at the input as
         # the kernel now sees it, with the removed directions projected out.
         v = np.concatenate(removed, axis=1)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax.linen as nn
 import numpy as np
 
+from drr_jax import sites as sites_lib
 from drr_jax.defenses.drr.config import DRRConfig
 from drr_jax.defenses.drr.confirmation import Confirmer
 from drr_jax.defenses.drr.removal import Coverage, Removal
@@ -32,6 +33,7 @@ class Run:
   confirmer: Confirmer | None  # None without confirmation
   original: np.ndarray | None  # the original network's predictions on S, when carrying
   progress: bool
+  sites: Mapping[str, sites_lib.Site] = dataclasses.field(default_factory=dict)
 
   @property
   def n(self) -> int:
@@ -40,6 +42,14 @@ class Run:
   @property
   def outputs(self) -> bool:
     return self.cfg.side == "output"
+
+  def layer_of(self, unit: str) -> str:
+    """The layer whose input or output a unit's feature is."""
+    return self.sites[unit].layer if unit in self.sites else unit
+
+  def unit_outputs(self, unit: str) -> bool:
+    """Whether a unit's feature is a layer output (else the input of its readers)."""
+    return self.sites[unit].side == "output" if unit in self.sites else self.outputs
 
   @property
   def carry(self) -> bool:
@@ -69,10 +79,16 @@ class Run:
     return dict(outputs=self.outputs, pooling=cfg.pooling, batch_size=int(cfg.batch_size),
                 progress=self.progress, with_means=True)
 
+  def extract(self, variables: Any, units: tuple[str, ...], desc: str = "features"):
+    """(features, per-image means) of `units` on the network `variables`."""
+    from drr_jax.defenses.drr.inputs import extract_units
+    return extract_units(self.model, variables, self.images, units, dict(self.sites),
+                         desc=desc, **self.extract_options())
+
 
 def carries(cfg: DRRConfig, confirmer: Confirmer | None) -> bool:
   return bool(cfg.carry and cfg.mode == "sequential" and confirmer is not None
-              and cfg.side != "output")
+              and cfg.side == "input")
 
 
 class LoopState(NamedTuple):
