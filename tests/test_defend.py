@@ -486,3 +486,42 @@ def test_sites_remove_a_stream_direction_in_every_path_without_carrying():
   assert one_pass["layers_projected"]
   with pytest.raises(DefenseError, match="unknown layer"):
     defend(Stream(), v, images, config={**cfg, "layers": ["nope"]}, progress=False)
+
+
+def _class_direction_case(seed=0):
+  """Class 3 is told apart by coordinate 10 (how high it is varies within the class), so
+  its most extreme members form a skewed tail, and removing the coordinate moves the
+  rest of the class too: a class direction, not a trigger."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.3
+  x[:600, 10] += rng.uniform(1.5, 8.0, 600)
+  v = _linear_params()
+  w = np.asarray(v["params"]["cls"]["kernel"]).copy()
+  w[10] = 0.0
+  w[10, 3] = 3.0
+  v["params"]["cls"]["kernel"] = jnp.asarray(w)
+  return x.reshape(4000, 3, 2, 2), v
+
+
+def test_class_collateral_tells_a_class_direction_from_a_trigger():
+  cfg = {"layers": ["feat"], "tau": 1.5, "confirm_samples": 2000, "keep_mean": False,
+         "max_collateral": 1.0}
+  images, v = _class_direction_case()
+  _, off = defend(Linear(), v, images, config=cfg, progress=False)
+  check = off["layers"][0]["checks"][0]
+  assert off["layers"][0]["kept"] == 1 and check["tail_flip"] > 0.75  # looks like a trigger
+  assert check["class_collateral"] > 0.5  # but the rest of its class moves too
+  _, on = defend(Linear(), v, images, config={**cfg, "max_class_collateral": 0.5},
+                 progress=False)
+  assert on["layers"][0]["kept"] == 0
+  # a trigger's removal leaves the clean images of its target class alone (the trigger
+  # channel is quiet on clean images)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, 12)).astype(np.float32)
+  x[:, 10] *= 0.05
+  x[:400, 10] += 12.0
+  _, trig = defend(Linear(), _linear_params(), x.reshape(4000, 3, 2, 2),
+                   config={**cfg, "max_class_collateral": 0.5}, progress=False)
+  assert trig["layers"][0]["kept"] == 1
+  assert trig["layers"][0]["checks"][0]["class_collateral"] < 0.2

@@ -77,6 +77,9 @@ class DRRConfig:
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
   max_collateral: float = 0.15
+  # ... and, among the images outside the tail that the network puts in the tail's
+  # majority class, at most this share (1.0: off): a class direction moves them all.
+  max_class_collateral: float = 1.0
   # Once a direction was kept, a later candidate is tried only if at least this share
   # of its tail lies in the tails already removed: the same sub-population, not a
   # class surfacing once the poison direction is gone. None: off.
@@ -204,6 +207,10 @@ def _validate(cfg: DRRConfig) -> None:
   _real("carry_link", cfg.carry_link)
   if not -1.0 <= cfg.carry_link <= 1.0:
     raise DefenseError(f"carry_link must be in [-1, 1], got {cfg.carry_link!r}")
+  _real("max_class_collateral", cfg.max_class_collateral)
+  if not 0.0 <= cfg.max_class_collateral <= 1.0:
+    raise DefenseError("max_class_collateral must be in [0, 1], got "
+                       f"{cfg.max_class_collateral!r}")
   _real("max_collateral", cfg.max_collateral)
   if not 0.0 <= cfg.max_collateral <= 1.0:
     raise DefenseError(f"max_collateral must be in [0, 1], got {cfg.max_collateral!r}")

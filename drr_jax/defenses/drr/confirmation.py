@@ -78,16 +78,24 @@ class Confirmer:
     return before != after[:len(rows)]
 
   def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray
-             ) -> tuple[float, float]:
+             ) -> tuple[float, float, float]:
     """(share of images[rows] whose prediction the trial changes, the same share among
-    the `side` images outside the tail: the collateral); tail: mask over self.images."""
+    the `side` images outside the tail: the collateral, and among those of them that the
+    network puts in the tail's majority class: the class collateral); tail: mask over
+    self.images. A class direction's removal moves its whole class, tail or not; a
+    trigger's leaves the clean images of the target class where they were."""
     if not len(rows):
-      return 0.0, 0.0
+      return 0.0, 0.0, 0.0
     flip = float(np.mean(self._changed(variables, trial, rows)))
     others = self.side[~tail[self.side]]
     if not len(others):
-      return flip, 0.0
-    return flip, float(np.mean(self._changed(variables, trial, others)))
+      return flip, 0.0, 0.0
+    changed = self._changed(variables, trial, others)
+    base = self.base(variables)
+    majority = np.bincount(base[rows]).argmax()
+    same = base[others] == majority
+    return (flip, float(np.mean(changed)),
+            float(np.mean(changed[same])) if same.any() else 0.0)
 
   def check_residual(self, original: np.ndarray, variables: Any, trial: Any,
                      tail: np.ndarray) -> dict[str, float]:
@@ -96,7 +104,7 @@ class Confirmer:
     collateral, as in `check`."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail & (self.base(variables) == original))
-    flip, collateral = self._flips(variables, trial, tail, rows)
+    flip, collateral, _ = self._flips(variables, trial, tail, rows)
     return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
 
   def check(self, variables: Any, trial: Any, tail: np.ndarray) -> dict[str, float]:
@@ -105,6 +113,6 @@ class Confirmer:
     `side`, not the whole confirmation set."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
-    flip, collateral = self._flips(variables, trial, tail, rows)
+    flip, collateral, class_collateral = self._flips(variables, trial, tail, rows)
     return {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
-            "collateral": collateral}
+            "collateral": collateral, "class_collateral": class_collateral}

@@ -80,11 +80,14 @@ def decide(run: Run, state: LoopState, name: str, x: np.ndarray,
           alt_stats = confirmer.check(current, alt_trial, tail)
           alt_flip = alt_stats["tail_flip"]
           stats["pooled_flip"], stats["located_flip"] = stats["tail_flip"], alt_flip
-          if alt_flip > stats["tail_flip"] and alt_stats["collateral"] <= cfg.max_collateral:
+          if (alt_flip > stats["tail_flip"] and alt_stats["collateral"] <= cfg.max_collateral
+              and alt_stats["class_collateral"] <= cfg.max_class_collateral):
             v, trial, mean_kept = alt, alt_trial, alt_kept
             stats.update(tail_flip=alt_flip, collateral=alt_stats["collateral"],
+                         class_collateral=alt_stats["class_collateral"],
                          located=True, mean_kept=alt_kept)
-      if stats["collateral"] > cfg.max_collateral:
+      if (stats["collateral"] > cfg.max_collateral
+          or stats["class_collateral"] > cfg.max_class_collateral):
         continue
     current = trial
     keep[j] = True
