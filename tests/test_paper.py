@@ -1,7 +1,6 @@
 """The paper's DRR (Algorithm 1 as written) as a preset of the same machinery."""
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +9,7 @@ import pytest
 from drr_jax import defend
 from drr_jax.defenses import DRRConfig, paper_config
 from launch import defend as launch_defend
-
-
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(len(x), -1).astype(jnp.float32)
-    x = nn.relu(nn.Dense(16, name="hidden")(x))
-    return nn.Dense(4, name="head")(x)
+from tests.test_defend import MLP
 
 
 def _skewed(n=4000, seed=1):
