@@ -28,7 +28,8 @@ Modules, one concept each:
   readers       channel_link, same_input, carrying kept directions to other readers
   state         Run (fixed per call) and LoopState (accumulated, passed explicitly)
   decision      decide: one layer's kept directions
-  loop          the layer loop, sequential and one_pass
+  ranking       ranked mode: every unit confirmed alone, removed least collateral first
+  loop          the layer loop: sequential, one_pass and ranked
   report        the per-layer report and its text table
 """
 from __future__ import annotations

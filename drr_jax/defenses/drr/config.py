@@ -20,7 +20,7 @@ from drr_jax import features, stiefel
 from drr_jax.defenses.drr.errors import DefenseError
 
 SIDES = ("input", "output", "sites")
-MODES = ("sequential", "one_pass")
+MODES = ("sequential", "one_pass", "ranked")
 DIRECTIONS = ("skew", "tail_mean")
 MEAN_FITS = ("average", "interior")
 
@@ -59,7 +59,9 @@ class DRRConfig:
   standardize: bool = True    # criterion = skewness m3 / m2^1.5 (scale-free), not raw m3
   steps: int = 200            # Cayley ascent steps
   lr: float = 0.1             # Cayley step size
-  mode: str = "sequential"    # 'sequential' (Algorithm 1) or 'one_pass'
+  mode: str = "sequential"    # 'sequential' (Algorithm 1), 'one_pass', or 'ranked':
+                              # every unit's candidates confirmed on the original
+                              # network, removed least collateral first (ranking.py)
   rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
                               # up to this many times while directions are still kept
   batch_size: int = 500       # images per forward pass while extracting features
@@ -180,6 +182,8 @@ def _validate(cfg: DRRConfig) -> None:
     _flag(key, getattr(cfg, key))
   _choice("mean_fit", cfg.mean_fit, MEAN_FITS)
   _choice("mode", cfg.mode, MODES)
+  if cfg.mode == "ranked" and cfg.confirm is not True:
+    raise DefenseError("mode 'ranked' ranks confirmed candidates: it needs confirm=True")
   _choice("pooling", cfg.pooling, features.POOLINGS)
   if (not isinstance(cfg.k, (int, np.integer)) or isinstance(cfg.k, (bool, np.bool_))
       or cfg.k < 1):

@@ -9,6 +9,8 @@ direction is also tried at the other readers of the same channels (`readers.carr
 'one_pass': every layer's features come from the original network, all frames of equal
 shape are optimized together in one vmapped program, and the kept directions are
 projected at the end.
+'ranked': every unit's candidates are confirmed on the original network's features, then
+removed least collateral first (`ranking`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from drr_jax import stiefel
+from drr_jax.defenses.drr import ranking
 from drr_jax.defenses.drr.decision import decide
 from drr_jax.defenses.drr.readers import carry_on, same_input
 from drr_jax.defenses.drr.report import layer_entry
@@ -37,19 +40,20 @@ def run_layers(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
   """The layer loop of `run.cfg.mode` from `variables` and `state`."""
   if run.cfg.mode == "one_pass":
     return one_pass(run, variables, state)
+  if run.cfg.mode == "ranked":
+    return ranked(run, variables, state)
   return sequential(run, variables, state)
 
 
-def one_pass(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
-  """Every layer decided on the original network's features; kept frames projected last."""
-  order, progress = run.order, run.progress
-  entries: list[dict[str, Any]] = []
-  feats, means = run.extract(variables, tuple(order))
+def _frames(run: Run, feats: dict[str, np.ndarray]
+            ) -> dict[str, tuple[stiefel.FrameResult, float]]:
+  """Every unit's optimized frame, frames of equal shape in one vmapped program;
+  -> unit: (result, seconds spent per unit)."""
   by_shape: dict[tuple[int, int], list[str]] = {}
-  for name in order:
+  for name in run.order:
     by_shape.setdefault(feats[name].shape, []).append(name)
   results = {}
-  for shape, names in tqdm(by_shape.items(), desc="directions", disable=not progress,
+  for shape, names in tqdm(by_shape.items(), desc="directions", disable=not run.progress,
                            leave=False):
     t0 = time.time()
     res = jax.device_get(stiefel.maximize_stacked(
@@ -57,6 +61,15 @@ def one_pass(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResul
     for i, name in enumerate(names):
       results[name] = (stiefel.FrameResult(res.frame[i], res.values[i], res.history[i]),
                        (time.time() - t0) / len(names))
+  return results
+
+
+def one_pass(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
+  """Every layer decided on the original network's features; kept frames projected last."""
+  order, progress = run.order, run.progress
+  entries: list[dict[str, Any]] = []
+  feats, means = run.extract(variables, tuple(order))
+  results = _frames(run, feats)
   frames = {}
   for name in tqdm(order, desc="confirm", disable=not progress, leave=False):
     res, dt = results[name]
@@ -112,3 +125,33 @@ def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
       if not d.keep.any():  # nothing more to remove here: next layer
         break
   return LoopResult(variables, entries, passes, state)
+
+
+def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
+  """Every unit's candidates confirmed alone on the original network; those that pass,
+  removed least collateral first (`ranking.select`)."""
+  entries: list[dict[str, Any]] = []
+  feats, means = run.extract(variables, tuple(run.order))
+  results = _frames(run, feats)
+  scored: dict[str, list[ranking.Scored]] = {}
+  seconds: dict[str, float] = {}
+  coverage = state.coverage
+  for name in tqdm(run.order, desc="landscape", disable=not run.progress, leave=False):
+    res, dt = results[name]
+    t0 = time.time()
+    scored[name], coverage = ranking.landscape(run, variables, name, feats[name],
+                                               means[name], res, coverage)
+    seconds[name] = dt + time.time() - t0
+  original = run.confirmer.base(variables)
+  queue = ranking.order(run, [s for name in run.order for s in scored[name]])
+  variables, kept, state = ranking.select(run, variables, queue,
+                                          state._replace(coverage=coverage), original)
+  for name in run.order:
+    mine = [s for s in kept if s.unit == name]
+    keep = np.zeros(len(np.asarray(results[name][0].values)), bool)
+    keep[[s.column for s in mine]] = True
+    v_kept = (np.stack([s.v for s in mine], 1).astype(np.float32) if mine
+              else np.zeros((feats[name].shape[1], 0), np.float32))
+    entries.append(layer_entry(name, feats[name], results[name][0], keep,
+                               [s.stats for s in scored[name]], seconds[name], v_kept))
+  return LoopResult(variables, entries, 1, state)

@@ -1,0 +1,107 @@
+"""Ranked selection ('ranked' mode): confirm every unit's candidates on the original
+network, then remove those that pass in order of least collateral.
+
+The sequential loop keeps the first candidate that passes confirmation, in network order.
+On a backdoored network several units carry the trigger, and the earliest is often the
+costliest to remove (a stem conv: about 8-10 % of the other images change). Ranking all
+units first (`landscape`) and removing the least damaging passing candidate (`select`)
+takes the trigger out where the network reads it most narrowly. After the first removal
+a further candidate is kept only if it changes most of what is left of its tail: the
+tail images whose prediction is still the original one (`Confirmer.check_residual`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from drr_jax import stiefel
+from drr_jax.defenses.drr import candidates
+from drr_jax.defenses.drr.state import LoopState, Run
+
+MIN_TAIL = 10      # tail images on the confirmation set, so that a flip is not a coin toss
+DUPLICATE = 0.9    # |cos| above which two candidates of one unit are the same direction
+MIN_RESIDUAL = 0.5  # share of the still-unflipped tail a further removal must change
+
+
+class Scored(NamedTuple):
+  """One candidate of one unit, confirmed on the original network."""
+  unit: str
+  column: int
+  v: np.ndarray        # (C,) unit direction
+  tail: np.ndarray     # (N,) bool: its skewed tail over the defense images
+  benign: np.ndarray   # (C,) the mean feature outside the tail: the replacement value
+  stats: dict[str, Any]
+
+
+def passes(run: Run, stats: Mapping[str, Any]) -> bool:
+  """Whether a candidate's removal passes confirmation: it changes most of its tail, and
+  few other images, and few of the other images in the tail's majority class."""
+  cfg = run.cfg
+  return bool(stats["tail_flip"] >= cfg.min_tail_flip
+              and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL
+              and stats["collateral"] <= cfg.max_collateral
+              and stats["class_collateral"] <= cfg.max_class_collateral)
+
+
+def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
+              means: np.ndarray, res: stiefel.FrameResult, coverage
+              ) -> tuple[list[Scored], Any]:
+  """Every candidate of `unit` (columns with criterion > tau, duplicates dropped), each
+  removed alone from the original network `variables` and confirmed there."""
+  values, frame = np.asarray(res.values), np.asarray(res.frame)
+  scored: list[Scored] = []
+  for j in np.argsort(-values):
+    if not values[j] > run.cfg.tau:
+      break
+    found = candidates.candidate(x, frame[:, j], run.n, direction=run.cfg.direction,
+                                 tail_z=run.cfg.tail_z, against=())
+    if found is None:
+      continue
+    v, tail = found
+    if any(abs(float(v @ s.v)) > DUPLICATE for s in scored):
+      continue
+    benign = means[~tail].mean(0).astype(np.float64)
+    trial, mean_kept, coverage = run.removal.project(
+        variables, unit, v[:, None].astype(np.float32), benign, coverage)
+    stats = run.confirmer.check(variables, trial, tail)
+    stats.update(column=int(j), mean_kept=mean_kept)
+    scored.append(Scored(unit, int(j), v, tail, benign, stats))
+  return scored, coverage
+
+
+def order(run: Run, scored: list[Scored]) -> list[Scored]:
+  """The passing candidates, least collateral first (then most tail flip)."""
+  ok = [s for s in scored if passes(run, s.stats)]
+  return sorted(ok, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
+
+
+def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: LoopState,
+           original: np.ndarray) -> tuple[dict[str, Any], list[Scored], LoopState]:
+  """Removes the ranked candidates in turn: the first as it stands; each later one only
+  if, on the network as modified so far, it changes at least MIN_RESIDUAL of its tail
+  images still predicted as the original network did (at least MIN_TAIL of them) and at
+  most max_collateral of the others. `original`: the original network's predictions on
+  the confirmation images. -> (network, the kept candidates, state)."""
+  kept: list[Scored] = []
+  removed: dict[str, list[np.ndarray]] = {}
+  coverage, removed_tails = state.coverage, state.removed_tails
+  for s in ranked:
+    v = candidates.orthonormal(s.v, removed.get(s.unit, []))
+    if v is None:
+      continue
+    trial, mean_kept, coverage = run.removal.project(
+        variables, s.unit, v[:, None].astype(np.float32), s.benign, coverage)
+    if kept:
+      check = run.confirmer.check_residual(original, variables, trial, s.tail)
+      s.stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
+                     residual_collateral=check["collateral"])
+      if not (check["residual"] >= MIN_TAIL and check["tail_flip"] >= MIN_RESIDUAL
+              and check["collateral"] <= run.cfg.max_collateral):
+        continue
+    s.stats.update(kept=True, mean_kept=mean_kept)
+    variables = trial
+    kept.append(s._replace(v=v))
+    removed.setdefault(s.unit, []).append(v)
+    removed_tails = removed_tails | s.tail
+  return variables, kept, state._replace(coverage=coverage, removed_tails=removed_tails)

@@ -1,0 +1,78 @@
+"""Ranked mode: every unit's candidates confirmed alone, removed least collateral first."""
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from drr_jax.defenses import defend
+from drr_jax.defenses.drr import DefenseError
+
+
+class Chain(nn.Module):
+  """feat1 -> feat2 -> cls, all dense."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(len(x), -1).astype(jnp.float32)
+    return nn.Dense(10, name="cls")(nn.Dense(12, name="feat2")(nn.Dense(12, name="feat1")(x)))
+
+
+def _case(n=4000, poison=400, seed=0):
+  """The trigger reaches feat1's input on coordinate 10 mixed with a benign signal s
+  (coordinate 11 holds s alone); feat1 subtracts s, so feat2 reads the trigger alone and
+  the classifier reads s to tilt classes 1-9. Removing coordinate 10 at feat1 also
+  feeds -s into the trigger's channel (collateral); at feat2 it takes the trigger alone."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 12)).astype(np.float32)
+  s = 0.3 * rng.normal(size=n)
+  x[:, 10] = 0.05 * x[:, 10] + s
+  x[:poison, 10] += 12.0
+  x[:, 11] = s
+  f1 = np.eye(12, dtype=np.float32)
+  f1[11, 10] = -1.0
+  cls = np.zeros((12, 10), np.float32)
+  cls[:10] = np.eye(10)
+  cls[10, 0] = 3.0
+  cls[11, 1:] = np.linspace(-0.5, 0.5, 9)
+  dense = lambda k: {"kernel": jnp.asarray(k), "bias": jnp.zeros(k.shape[1])}
+  v = {"params": {"feat1": dense(f1), "feat2": dense(np.eye(12, dtype=np.float32)),
+                  "cls": dense(cls)}}
+  return x.reshape(n, 3, 2, 2), v, np.argmax(x[:poison, :10], -1)
+
+
+def _predict(v, images):
+  return np.argmax(np.asarray(Chain().apply(v, images)), -1)
+
+
+def test_ranked_removes_the_trigger_where_it_costs_least():
+  images, v, truth = _case()
+  cfg = {"tau": 0.0, "confirm_samples": 2000, "carry": False}
+  seq, rep_seq = defend(Chain(), v, images, config=cfg, progress=False)
+  new, rep = defend(Chain(), v, images, config={**cfg, "mode": "ranked"}, progress=False)
+  # network order keeps the first unit that passes, with its collateral
+  assert rep_seq["layers_projected"] == ["feat1"]
+  assert rep["layers_projected"] == ["feat2"], rep["layers"]
+  (kept,) = [c for c in rep["layers"][1]["checks"] if c.get("kept")]
+  assert kept["tail_flip"] >= 0.75 and kept["collateral"] < 0.05, kept
+  first = [c for c in rep["layers"][0]["checks"] if c["tail_flip"] >= 0.75
+           and c["collateral"] <= 0.15]
+  assert first and min(c["collateral"] for c in first) > 0.1  # passes, but costs more
+  unchanged = lambda w: np.mean(_predict(w, images[400:]) == _predict(v, images[400:]))
+  assert unchanged(new) > 0.97 and unchanged(seq) < 0.93, (unchanged(new), unchanged(seq))
+  assert np.mean(_predict(new, images[:400]) == truth) > 0.85
+
+
+def test_ranked_keeps_nothing_on_a_clean_gaussian():
+  images = np.random.default_rng(0).normal(size=(4000, 3, 2, 2)).astype(np.float32)
+  _, v, _ = _case()
+  new, rep = defend(Chain(), v, images, config={"mode": "ranked", "tau": 0.0},
+                    progress=False)
+  assert rep["directions_kept"] == 0 and rep["layers_projected"] == []
+  for name in ("feat1", "feat2"):
+    np.testing.assert_array_equal(new["params"][name]["kernel"], v["params"][name]["kernel"])
+
+
+def test_ranked_needs_confirmation():
+  images, v, _ = _case(n=100, poison=10)
+  with pytest.raises(DefenseError, match="ranked.*confirm"):
+    defend(Chain(), v, images, config={"mode": "ranked", "confirm": False}, progress=False)
