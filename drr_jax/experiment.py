@@ -232,6 +232,8 @@ def _analysis(model, variables, ds, trigger, acfg, dcfg, cfg, progress):
   """C of Assumption 2 per layer and the tau sweep (`drr_jax.analysis`), and its times."""
   times = {}
   t0 = time.time()
+  if dcfg["side"] == "sites":  # the analysis is per layer: the paper's view, its input side
+    dcfg = {**dcfg, "side": "input"}
   order = features.layer_order(model, variables, ds.train.images.shape[1:])
   feats = drr.extract(model, variables, ds.train.images, tuple(order),
                       outputs=dcfg["side"] == "output", pooling=dcfg["pooling"],

@@ -6,9 +6,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drr_jax import defend, features
+from drr_jax import defend as _defend
+from drr_jax import features
 from drr_jax.defenses import DefenseError
-from drr_jax.defenses.drr import channel_link, format_report, same_input
+from drr_jax.defenses.drr import DRRConfig, channel_link, format_report, same_input
+
+# These tests check the layer-by-layer machinery (input side, the tau gate, confirmation
+# in network order, carrying); they name those settings rather than rely on the defaults.
+SEQUENTIAL = {"side": "input", "mode": "sequential", "tau": 2.0, "min_tail_flip": 0.75,
+              "max_class_collateral": 1.0}
+
+
+def defend(model, variables, batch, *, config=None, progress=True):
+  if not isinstance(config, DRRConfig):
+    config = {**SEQUENTIAL, **(config or {})}
+  return _defend(model, variables, batch, config=config, progress=progress)
 
 
 class MLP(nn.Module):

@@ -73,7 +73,10 @@ def _check_record(rec: dict, cid: str) -> None:
   assert rec["drr"]["layers"] and rec["drr"]["num_images"] == rec["data"]["num_train"]
   layers = rec["analysis"]["layers"]
   assert [e["index"] for e in layers] == list(range(len(layers)))
-  assert len(layers) == len(rec["drr"]["layers"]) + 1  # DRR skips the classifier
+  # the analysis is per layer (the paper's view): every conv/dense layer; DRR visits
+  # the exact sites of those layers (input or output), one of them the classifier's input
+  assert {e["layer"].rsplit(":", 1)[0] for e in rec["drr"]["layers"]} <= {
+      e["layer"] for e in layers}
   assert all(e["C"] is not None and e["C"] >= 0 and math.isfinite(e["top_criterion"])
              for e in layers)
   sweep = rec["analysis"]["tau_sweep"]

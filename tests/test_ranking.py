@@ -46,8 +46,10 @@ def _predict(v, images):
 
 def test_ranked_removes_the_trigger_where_it_costs_least():
   images, v, truth = _case()
-  cfg = {"tau": 0.0, "confirm_samples": 2000, "carry": False}
-  seq, rep_seq = defend(Chain(), v, images, config=cfg, progress=False)
+  cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
+         "carry": False}
+  seq, rep_seq = defend(Chain(), v, images, config={**cfg, "mode": "sequential"},
+                        progress=False)
   new, rep = defend(Chain(), v, images, config={**cfg, "mode": "ranked"}, progress=False)
   # network order keeps the first unit that passes, with its collateral
   assert rep_seq["layers_projected"] == ["feat1"]

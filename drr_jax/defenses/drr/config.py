@@ -35,14 +35,16 @@ class DRRConfig:
   Integer settings (steps, rounds, batch_size, confirm_samples) take integers or integral
   floats (200.0), which `int()` reads; `k` and `seed` take integers only.
   """
-  side: str = "input"         # project the feature a weight consumes (paper: W^ = P W);
-                              # 'output': a layer's output (before BN); 'sites': every
-                              # exact site, input or output (drr_jax/sites.py)
+  side: str = "sites"         # 'sites': remove a feature's direction wherever the
+                              # network reads it, at every exact site, input or output
+                              # (drr_jax/sites.py); 'input': the feature a weight
+                              # consumes (paper: W^ = P W); 'output': a layer's output
   pooling: str = "max"        # conv feature -> per-channel spatial max per image
   k: int = 4                  # directions optimized per layer (multistart: starts, <= C)
   search: str = "multistart"  # 'joint' (St(C, k), Algorithm 1), 'greedy' (deflation) or
                               # 'multistart' (k independent ascents from the top axes)
-  tau: float = 2.0            # keep a direction if its criterion exceeds tau
+  tau: float = 0.0            # a direction is a candidate if its criterion exceeds tau
+                              # (0: every optimized direction; confirmation decides)
   direction: str = "tail_mean"  # what a kept candidate removes: 'skew' (the optimized
                               # direction v) or 'tail_mean' (mean of v's skewed tail
                               # minus the rest's: Theorem 1's d, which v approximates)
@@ -59,9 +61,10 @@ class DRRConfig:
   standardize: bool = True    # criterion = skewness m3 / m2^1.5 (scale-free), not raw m3
   steps: int = 200            # Cayley ascent steps
   lr: float = 0.1             # Cayley step size
-  mode: str = "sequential"    # 'sequential' (Algorithm 1), 'one_pass', or 'ranked':
-                              # every unit's candidates confirmed on the original
-                              # network, removed least collateral first (ranking.py)
+  mode: str = "ranked"        # 'ranked': every unit's candidates confirmed on the
+                              # original network, removed least collateral first
+                              # (ranking.py); 'sequential' (Algorithm 1's layer order);
+                              # 'one_pass'.
   rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
                               # up to this many times while directions are still kept
   batch_size: int = 500       # images per forward pass while extracting features
@@ -74,14 +77,14 @@ class DRRConfig:
   confirm: bool = True
   confirm_samples: int = 5000
   tail_z: float = 2.0
-  min_tail_flip: float = 0.75
+  min_tail_flip: float = 0.6
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
   max_collateral: float = 0.15
   # ... and, among the images outside the tail that the network puts in the tail's
   # majority class, at most this share (1.0: off): a class direction moves them all.
-  max_class_collateral: float = 1.0
+  max_class_collateral: float = 0.5
   # Once a direction was kept, a later candidate is tried only if at least this share
   # of its tail lies in the tails already removed: the same sub-population, not a
   # class surfacing once the poison direction is gone. None: off.
