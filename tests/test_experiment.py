@@ -16,8 +16,14 @@ from launch import report as launch_report
 from tests.conftest import make_fake_zips
 
 # Small DRR and analysis settings: the point is the machinery, not the defense.
-TINY_SETS = ["--set", "drr.steps=20", "--set", "drr.confirm_samples=64",
-             "--set", "analysis.taus=[1.0,2.0,3.0]"]
+# The pipeline, not the selection, is under test here: DRR with one direction per unit
+# on the last stage's layers only (the defaults' ranked landscape at every site and
+# k = 4 costs about a minute per tiny cell on this CPU).
+FAST_DRR = ["drr.steps=20", "drr.confirm_samples=64", "drr.k=1",
+            "drr.layers=['stage4_block1/conv1','stage4_block1/conv2','stage4_block2/conv1',"
+            "'stage4_block2/conv2']"]
+TINY_SETS = [a for kv in FAST_DRR for a in ("--set", kv)] + [
+    "--set", "analysis.taus=[1.0,2.0,3.0]"]
 
 
 def _strict_json(text: str):
@@ -266,8 +272,7 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
       AssertionError("the export must be reused")))
   rec = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2", tmp_path / "results",
-                            overrides=["drr.steps=20", "drr.confirm_samples=64",
-                                       "paper.steps=20"],
+                            overrides=[*FAST_DRR, "paper.steps=20"],
                             progress=False, export_root=export)
   assert rec["analysis"] is None and rec["checkpoint"]["reused"] is True
   assert rec["paper"]["drr"]["config"]["confirm"] is False
@@ -275,8 +280,8 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   assert set(rec["paper"]["after"]) == {"val", "test"}
   # the zoo report: one row per model, the paper's DRR beside the project's, the controls
   experiment.run_cell(cells[1], data_dir, tmp_path / "ckpt2", tmp_path / "results",
-                      overrides=["drr.steps=20", "drr.confirm_samples=64",
-                                 "paper.steps=20"], progress=False, export_root=export)
+                      overrides=[*FAST_DRR, "paper.steps=20"], progress=False,
+                      export_root=export)
   paths, warnings = report.write_report(tmp_path / "results")
   assert not warnings and set(paths) == {"table", "fig_zoo"}
   table = paths["table"].read_text()
