@@ -50,7 +50,7 @@ ARCHS = {
     "preact_resnet18": PreActResNet((1, 1, 1, 1), 0.125),
     "wrn28_1 (pre-activation)": WideResNet(10, 0.5),
     "vgg": VGG((8, "M", 16, "M", 16, "M"), 1.0),
-    "mobilenet_v2": MobileNetV2(((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2)),
+    "mobilenet_v2": MobileNetV2(((1, 8, 1, 1), (2, 8, 1, 1), (2, 16, 1, 2)),
                                              0.5),
     "densenet": DenseNet((2, 2), 4, 0.5),
 }
