@@ -34,7 +34,6 @@ def test_train_then_evaluate_cli(real_data_dir, real_cifar, session_cache, tmp_p
   assert not out.exists()
   res = launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
                             str(out), "--set", "tau=0.0", "--set", "steps=5", "--set", "k=1",
-                            "--set", "layers=['stage4_block2/conv2']",
                             "--set", "mode='one_pass'", "--set", "confirm=False"])
   kept = [e["kept"] for e in res["drr"]["layers"]]
   assert res["drr"]["directions_kept"] == sum(kept) > 0
