@@ -37,6 +37,22 @@ def as_apply_fn(model: nn.Module | Callable) -> Callable:
   return model
 
 
+def model_jit(fn: Callable, static_argnums: tuple[int, ...] = ()) -> Callable:
+  """fn(model, *args) compiled once per model (a static argument, with `static_argnums`)
+  and argument shapes, so that repeated calls on one network reuse one program; a model
+  that cannot be hashed runs eagerly instead."""
+  jitted = jax.jit(fn, static_argnums=(0, *static_argnums))
+
+  def call(model, *args):
+    try:
+      hash(model)
+    except TypeError:
+      return fn(model, *args)
+    return jitted(model, *args)
+
+  return call
+
+
 def is_layer(module: nn.Module) -> bool:
   """A conv or dense layer whose kernel mixes channels: a grouped (depthwise) conv's
   kernel cannot take a projection on either side, so it is not a DRR layer."""
@@ -136,27 +152,46 @@ def pool(feature: jax.Array, pooling: str) -> jax.Array:
   raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
+def _pooled(model, outputs, pooling, layers, with_means, variables, images):
+  found = _captured(model, variables, images, outputs)
+  keep = found if layers is None else {k: found[k] for k in layers}
+  pooled = {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
+  if not with_means:
+    return pooled
+  means = {k: pool(v, "mean").astype(jnp.float32) for k, v in keep.items()}
+  return pooled, means
+
+
+_pooled_jit = model_jit(_pooled, static_argnums=(1, 2, 3, 4))
+
+
 def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
               layers: tuple[str, ...] | None = None, with_means: bool = False
               ) -> Callable:
-  """A jitted f(variables, images) -> {layer: (rows, C) float32} for the chosen layers.
+  """A jitted f(variables, images) -> {layer: (rows, C) float32} for the chosen layers
+  (compiled once per model, layers and shapes).
 
   With `with_means`, f returns (pooled, means): means[layer] is each image's (N, C)
   spatial mean, whose average over a data set is the feature's mean at every position.
   """
   if pooling not in POOLINGS:
     raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+  key = None if layers is None else tuple(layers)
+  return lambda variables, images: _pooled_jit(model, bool(outputs), pooling, key,
+                                               bool(with_means), variables, images)
 
-  def f(variables, images):
-    found = _captured(model, variables, images, outputs)
-    keep = found if layers is None else {k: found[k] for k in layers}
-    pooled = {k: pool(v, pooling).astype(jnp.float32) for k, v in keep.items()}
-    if not with_means:
-      return pooled
-    means = {k: pool(v, "mean").astype(jnp.float32) for k, v in keep.items()}
-    return pooled, means
 
-  return jax.jit(f)
+def _located(model, layer, outputs, variables, images, v):
+  found = _captured(model, variables, images, outputs)
+  x = found[layer].astype(jnp.float32)
+  if x.ndim == 2:
+    return x
+  rows = x.reshape(x.shape[0], -1, x.shape[-1])
+  at = jnp.argmax(rows @ v.astype(jnp.float32), axis=1)
+  return jnp.take_along_axis(rows, at[:, None, None], axis=1)[:, 0]
+
+
+_located_jit = model_jit(_located, static_argnums=(1, 2))
 
 
 def located_fn(model: nn.Module | Callable, layer: str, *, outputs: bool = False
@@ -165,17 +200,8 @@ def located_fn(model: nn.Module | Callable, layer: str, *, outputs: bool = False
   `layer` at the spatial position where its projection on v (C,) is largest (a dense
   layer's feature as it is). Where the max over positions mixes channels from different
   places, this is the feature of one place: the one a local trigger lights up."""
-
-  def f(variables, images, v):
-    found = _captured(model, variables, images, outputs)
-    x = found[layer].astype(jnp.float32)
-    if x.ndim == 2:
-      return x
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])
-    at = jnp.argmax(rows @ v.astype(jnp.float32), axis=1)
-    return jnp.take_along_axis(rows, at[:, None, None], axis=1)[:, 0]
-
-  return jax.jit(f)
+  return lambda variables, images, v: _located_jit(model, layer, bool(outputs),
+                                                   variables, images, v)
 
 
 def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> list[str]:

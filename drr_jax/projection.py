@@ -188,8 +188,9 @@ def tap_coverage(model: nn.Module | Callable, variables: Mapping[str, Any], name
       found["shape"] = args[0].shape
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(interceptor):
-    features.as_apply_fn(model)(variables, probe[:1])
+  apply = features.as_apply_fn(model)
+  with nn.intercept_methods(interceptor):  # traced, not computed: only shapes are needed
+    jax.eval_shape(lambda v, x: apply(v, x), variables, probe[:1])
   if not found:
     raise ValueError(f"layer {name!r} is not called by the model")
   module, shape = found["module"], found["shape"]
@@ -205,20 +206,23 @@ def tap_coverage(model: nn.Module | Callable, variables: Mapping[str, Any], name
   return np.asarray(out.reshape(-1, taps).mean(0).reshape(kernel_shape))
 
 
-def _shifted_run(apply_fn, variables, images, shifts):
-  """Logits and {module path: (kind, first input)} for BatchNorms and layers, in call
-  order, with shifts[layer] added to the named layers' outputs."""
-  inputs: dict[tuple, tuple[str, jax.Array]] = {}
+def _shifted_run(model, variables, images, shifts):
+  """Logits and {(call index, kind, *module path): first input} for the BatchNorms
+  ('bn') and layers ('layer'), keyed in call order, with shifts[layer] added to the named
+  layers' outputs."""
+  inputs: dict[tuple, jax.Array] = {}
+  seen: set[tuple] = set()
 
   def interceptor(next_fun, args, kwargs, context):
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     path = tuple(context.module.scope.path)
-    if path not in inputs:
-      if isinstance(context.module, nn.BatchNorm):
-        inputs[path] = ("bn", args[0])
-      elif features.is_layer(context.module):
-        inputs[path] = ("layer", args[0])
+    if path not in seen:
+      kind = ("bn" if isinstance(context.module, nn.BatchNorm)
+              else "layer" if features.is_layer(context.module) else None)
+      if kind is not None:
+        seen.add(path)
+        inputs[(len(inputs), kind) + path] = args[0]
     out = next_fun(*args, **kwargs)
     name = "/".join(path)
     if name in shifts and features.is_layer(context.module):
@@ -226,8 +230,13 @@ def _shifted_run(apply_fn, variables, images, shifts):
     return out
 
   with nn.intercept_methods(interceptor):
-    logits = apply_fn(variables, images)
+    logits = features.as_apply_fn(model)(variables, images)
   return logits, inputs
+
+
+# Compiled once per model and shapes: absorb_shifts passes a shift (zero where unused)
+# for every layer, so that every call, whatever it shifts, reuses the same program.
+_run_shifted = features.model_jit(_shifted_run)
 
 
 def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
@@ -244,7 +253,6 @@ def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
   constant delta takes it (running mean - delta; bias + delta W), and the search
   repeats until the logits agree.
   """
-  apply_fn = features.as_apply_fn(model)
   variables = dict(variables)
   params = traverse_util.flatten_dict(dict(variables["params"]))
   pending = {}
@@ -264,18 +272,21 @@ def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
 
   if not pending:
     return build(), True
-  target, target_in = _shifted_run(apply_fn, variables, probe, pending)
+  none = {name: jnp.zeros(k.shape[-1:], jnp.float32)
+          for name, k in features.layer_kernels(variables["params"]).items()}
+  target, target_in = _run_shifted(model, variables, probe, {**none, **pending})
   scale = max(1.0, float(jnp.max(jnp.abs(target))))
   fixed = set()  # modules that took a constant: their input still differs, not their output
   for _ in range(max_passes):
     current = build()
-    logits, inputs = _shifted_run(apply_fn, current, probe, {})
+    logits, inputs = _run_shifted(model, current, probe, none)
     if float(jnp.max(jnp.abs(logits - target))) <= tol * scale:
       return current, True
-    for path, (kind, u) in inputs.items():  # call order: fix the first one that differs
+    for key in sorted(inputs):  # call order: fix the first one that differs
+      kind, path, u = key[1], key[2:], inputs[key]
       if path in fixed:
         continue
-      diff = target_in[path][1] - u
+      diff = target_in[key] - u
       size = max(1.0, float(jnp.max(jnp.abs(u))))
       if float(jnp.max(jnp.abs(diff))) <= tol * size:
         continue

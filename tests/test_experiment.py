@@ -22,7 +22,8 @@ from tests.conftest import make_fake_zips
 FAST_DRR = ["drr.steps=20", "drr.confirm_samples=64", "drr.k=1",
             "drr.layers=['stage4_block1/conv1','stage4_block1/conv2','stage4_block2/conv1',"
             "'stage4_block2/conv2']"]
-TINY_SETS = [a for kv in FAST_DRR for a in ("--set", kv)] + [
+FAST_PAPER = ["paper.steps=20", "paper." + FAST_DRR[-1][len("drr."):]]
+TINY_SETS = [a for kv in FAST_DRR + FAST_PAPER for a in ("--set", kv)] + [
     "--set", "analysis.taus=[1.0,2.0,3.0]"]
 
 
@@ -272,7 +273,7 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
       AssertionError("the export must be reused")))
   rec = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2", tmp_path / "results",
-                            overrides=[*FAST_DRR, "paper.steps=20"],
+                            overrides=[*FAST_DRR, *FAST_PAPER],
                             progress=False, export_root=export)
   assert rec["analysis"] is None and rec["checkpoint"]["reused"] is True
   assert rec["paper"]["drr"]["config"]["confirm"] is False
@@ -280,7 +281,7 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   assert set(rec["paper"]["after"]) == {"val", "test"}
   # the zoo report: one row per model, the paper's DRR beside the project's, the controls
   experiment.run_cell(cells[1], data_dir, tmp_path / "ckpt2", tmp_path / "results",
-                      overrides=[*FAST_DRR, "paper.steps=20"], progress=False,
+                      overrides=[*FAST_DRR, *FAST_PAPER], progress=False,
                       export_root=export)
   paths, warnings = report.write_report(tmp_path / "results")
   assert not warnings and set(paths) == {"table", "fig_zoo"}

@@ -34,11 +34,13 @@ def test_train_then_evaluate_cli(real_data_dir, real_cifar, session_cache, tmp_p
   assert not out.exists()
   res = launch_defend.main(["--checkpoint", str(work), "--data_dir", real_data_dir, "--out",
                             str(out), "--set", "tau=0.0", "--set", "steps=5", "--set", "k=1",
-                            "--set", "mode='one_pass'", "--set", "confirm=False"])
+                            "--set", "mode='one_pass'", "--set", "confirm=False",
+                            "--no_test"])  # launch.evaluate above covers the test split
   kept = [e["kept"] for e in res["drr"]["layers"]]
   assert res["drr"]["directions_kept"] == sum(kept) > 0
+  assert set(res["after"]) == {"val"}
   model, variables, meta, _ = checkpoint.load_model(out)
-  assert meta["defense"]["after"]["test"] == res["after"]["test"]
+  assert meta["defense"]["after"]["val"] == res["after"]["val"]
   with pytest.raises(SystemExit, match="already exists"):
     launch_defend.main(["--checkpoint", str(work), "--out", str(out)])
 

@@ -39,8 +39,12 @@ def _unit(c, k=1, seed=0):
   return jnp.asarray(q, jnp.float32)
 
 
+_apply = jax.jit(lambda model, variables, x: model.apply(variables, x, train=False),
+                 static_argnums=0)
+
+
 def _logits(model, variables, x):
-  return model.apply(variables, x, train=False)
+  return _apply(model, variables, x)
 
 
 # Reduced layouts of every zoo architecture (the same modules, fewer blocks and channels),
@@ -66,6 +70,7 @@ def test_every_site_folds_exactly_in_every_path(name):
   base = _logits(model, variables, x)
   scale = float(jnp.max(jnp.abs(base)))
   rng = np.random.default_rng(1)
+  explicit = sites.explicit_applier(model, variables, found, k=2)  # one program for all
   for s in found:
     kernel = variables["params"]
     for part in s.layer.split("/"):
@@ -73,7 +78,7 @@ def test_every_site_folds_exactly_in_every_path(name):
     c = kernel["kernel"].shape[-2 if s.side == "input" else -1]
     v = _unit(c, min(2, c), seed=len(s.layer))
     folded = _logits(model, sites.fold(variables, s, v), x)
-    want = sites.explicit_apply(model, s, v)(variables, x)
+    want = explicit(variables, x, s, v)
     assert float(jnp.max(jnp.abs(folded - want))) <= 1e-4 * scale, s.name
     assert not np.allclose(folded, base, atol=1e-3 * scale) or c <= 2, s.name
     # Mean replacement: the constant is folded where the network allows it. It is exact
@@ -86,9 +91,31 @@ def test_every_site_folds_exactly_in_every_path(name):
     mean = jnp.asarray(rng.uniform(0, 1, c), jnp.float32)
     moved, ok = sites.fold_with_mean(model, variables, s, v, mean, x)
     if ok:
-      want = sites.explicit_apply(model, s, v, mean)(variables, x)
+      want = explicit(variables, x, s, v, mean)
       got = _logits(model, moved, x)
       assert float(jnp.max(jnp.abs(got - want))) <= 1e-3 * scale, s.name
+
+
+def test_the_compiled_applier_equals_explicit_apply_at_every_kind_of_site():
+  model = ARCHS["resnet18 (post-activation)"]
+  x = _images()
+  variables = _init(model, x)
+  found = sites.find_sites(model, variables, x)
+  explicit = sites.explicit_applier(model, variables, found, k=2)
+  picks = {(s.side, s.origin is None): s for s in found}  # output; input at a module/fn
+  assert len(picks) == 3, picks
+  rng = np.random.default_rng(3)
+  for s in picks.values():
+    c = sites._site_width(s, features.layer_kernels(variables["params"]))
+    for k in (1, 2):
+      v = _unit(c, k, seed=k)
+      mean = jnp.asarray(rng.uniform(0, 1, c), jnp.float32)
+      for m in (None, mean):
+        want = sites.explicit_apply(model, s, v, m)(variables, x)
+        got = explicit(variables, x, s, v, m)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=s.name)
+        if m is None:
+          assert not np.allclose(got, _logits(model, variables, x), atol=1e-4), s.name
 
 
 def _names(found):
