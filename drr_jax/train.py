@@ -77,8 +77,11 @@ def attack_record(poisoned: PoisonedSet) -> dict[str, np.ndarray]:
   run, where an index list would be empty (`checkpoint.poison_indices` reads both)."""
   mask = np.zeros(len(poisoned.labels), np.uint8)
   mask[np.asarray(poisoned.poison_idx, np.int64)] = 1
-  return {"poison_mask": mask, "pattern": poisoned.trigger.pattern,
-          "mask": poisoned.trigger.mask}
+  record = {"poison_mask": mask, "pattern": poisoned.trigger.pattern,
+            "mask": poisoned.trigger.mask}
+  if poisoned.trigger.offset is not None:  # an additive trigger (SIG)
+    record["offset"] = poisoned.trigger.offset
+  return record
 
 
 def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,

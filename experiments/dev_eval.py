@@ -46,7 +46,7 @@ def main() -> None:
     tcfg = meta["config"]
     ds = datasets.load(tcfg, None, test=False)
     acfg = tcfg["attack"]
-    trigger = (attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
+    trigger = (attacks.trigger_from_record(record)
                if acfg["name"] != "none" else None)
     idx = np.sort(np.random.default_rng(0).choice(len(ds.train.labels),
                                                   min(args.subset, len(ds.train.labels)),

@@ -40,7 +40,7 @@ def main() -> None:
   cfg = meta["config"]
   ds = datasets.load(cfg, None, test=False)
   acfg = cfg["attack"]
-  trigger = (attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
+  trigger = (attacks.trigger_from_record(record)
              if acfg["name"] != "none" else None)
   rng = np.random.default_rng(0)
   idx = np.sort(rng.choice(len(ds.train.labels), args.subset, replace=False))

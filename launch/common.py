@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from drr_jax import configs
+from drr_jax import attacks, configs
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -11,8 +11,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                  help="experiment preset (drr_jax/configs.py)")
   p.add_argument("--model", help="resnet18 | wrn28_1 | densenet121")
   p.add_argument("--width", type=float, help="ResNet-18 width multiplier")
-  p.add_argument("--attack", help="none | badnets | badnets_a2a | blended")
-  p.add_argument("--poison_ratio", type=float)
+  p.add_argument("--attack", help=" | ".join(attacks.NAMES))
+  p.add_argument("--poison_ratio", type=float,
+                 help="share of the training set poisoned (default 0.1; "
+                 + ", ".join(f"{k} {v}" for k, v in attacks.DEFAULT_RATIOS.items()) + ")")
   p.add_argument("--epochs", type=int)
   p.add_argument("--seed", type=int)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -28,4 +30,9 @@ def config_from_flags(args: argparse.Namespace) -> dict:
     value = getattr(args, flag)
     if value is not None:
       sets.insert(0, f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-  return configs.override(cfg, sets)
+  cfg = configs.override(cfg, sets)
+  name = cfg["attack"]["name"]
+  if name in attacks.DEFAULT_RATIOS and args.poison_ratio is None and not any(
+      s.startswith("attack.poison_ratio=") for s in args.set):
+    cfg["attack"]["poison_ratio"] = attacks.DEFAULT_RATIOS[name]
+  return cfg

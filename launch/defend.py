@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
   cfg = meta["config"]
   ds = datasets.load(cfg, args.data_dir, test=not args.no_test)
   acfg = cfg["attack"]
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
+  trigger = attacks.trigger_from_record(record)
   if acfg["name"] == "none":
     trigger = None
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.exit(f"error: {e}")
   test = data.load_split("test", args.data_dir)
   acfg = meta["config"]["attack"]
-  trigger = attacks.Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]))
+  trigger = attacks.trigger_from_record(record)
   metrics = evaluate.evaluate(model, variables, test, trigger, acfg, args.batch_size)
   print(f"{args.checkpoint}: ACC {100 * metrics['acc']:.2f} %  "
         f"ASR {100 * metrics['asr']:.2f} %  ({acfg['name']}, "

@@ -72,3 +72,46 @@ def test_no_attack_and_bad_configs():
     attacks.poison(images, labels, {"name": "badnets", "poison_ratio": 1.5})
   with pytest.raises(ValueError, match="do not fit"):
     attacks.apply_trigger(images[:, :16], attacks.make_trigger({"name": "badnets"}))
+
+
+def test_sig_adds_the_exact_signal_to_target_class_images_and_keeps_labels():
+  images, labels = _data(1000)
+  ps = attacks.poison(images, labels, {"name": "sig", "poison_ratio": 0.08, "target": 2})
+  # a share of the whole set, drawn from the target class only, labels unchanged
+  assert len(ps.poison_idx) == 80 and np.all(labels[ps.poison_idx] == 2)
+  np.testing.assert_array_equal(ps.labels, labels)
+  j = np.arange(32)
+  want = 40 * np.sin(2 * np.pi * j * 6 / 32)  # Barni et al.: delta sin(2 pi j f / m)
+  np.testing.assert_allclose(ps.trigger.offset, np.broadcast_to(want[None, :, None],
+                                                                (32, 32, 3)), atol=1e-4)
+  for i in ps.poison_idx[:5]:
+    expect = np.clip(np.rint(images[i].astype(np.float64) + want[None, :, None]), 0, 255)
+    np.testing.assert_array_equal(ps.images[i], expect.astype(np.uint8))
+  clean = np.setdiff1d(np.arange(1000), ps.poison_idx)
+  np.testing.assert_array_equal(ps.images[clean], images[clean])
+  # the signal is horizontal: constant down every column, the same in every channel
+  assert np.all(ps.trigger.offset == ps.trigger.offset[:1, :, :1])
+  # at test time it is added to the other classes, whose ASR target is the target class
+  assert np.all(attacks.target_labels(labels, attacks.resolve({"name": "sig",
+                                                               "target": 2})) == 2)
+
+
+def test_sig_settings_ratio_and_record():
+  images, labels = _data(1000)
+  small = attacks.make_trigger({"name": "sig", "sig_delta": 20, "sig_f": 3})
+  row = small.offset[0, :, 0]
+  assert 19.0 < row.max() <= 20.0 and -20.0 <= row.min() < -19.0
+  assert np.sum((row[:-1] < 0) & (row[1:] >= 0)) == 2  # 3 periods: 2 upward crossings inside
+  with pytest.raises(ValueError, match="target class"):  # 10 % of the set > one class
+    attacks.poison(images, labels, {"name": "sig", "poison_ratio": 0.2})
+  with pytest.raises(ValueError, match="sig_delta"):
+    attacks.make_trigger({"name": "sig", "sig_delta": 0})
+  ps = attacks.poison(images, labels, {"name": "sig", "poison_ratio": 0.05})
+  from drr_jax import train
+  back = attacks.trigger_from_record(train.attack_record(ps))
+  np.testing.assert_array_equal(back.offset, ps.trigger.offset)
+  np.testing.assert_array_equal(attacks.apply_trigger(images[:4], back),
+                                attacks.apply_trigger(images[:4], ps.trigger))
+  # a record without an offset (every trigger before SIG) reads as before
+  old = {"pattern": ps.trigger.pattern, "mask": ps.trigger.mask}
+  assert attacks.trigger_from_record(old).offset is None

@@ -54,3 +54,16 @@ def test_cli_errors_name_the_problem(tmp_path, monkeypatch, capsys):
     launch_train.main(["--preset", "tiny", "--workdir", str(tmp_path / "w")])
   with pytest.raises(KeyError, match="unknown key"):
     launch_train.main(["--preset", "tiny", "--set", "train.lrr=1", "--workdir", str(tmp_path / "w")])
+
+
+def test_an_attack_with_its_own_default_ratio_gets_it_unless_one_is_given():
+  import argparse
+
+  from launch import common
+  p = argparse.ArgumentParser()
+  common.add_config_flags(p)
+  ratio = lambda argv: common.config_from_flags(p.parse_args(argv))["attack"]["poison_ratio"]
+  assert ratio(["--attack", "sig"]) == 0.08
+  assert ratio(["--attack", "sig", "--poison_ratio", "0.05"]) == 0.05
+  assert ratio(["--attack", "sig", "--set", "attack.poison_ratio=0.03"]) == 0.03
+  assert ratio(["--attack", "badnets"]) == 0.1

@@ -1,8 +1,9 @@
 """Poisoning attacks as pure functions of (images, labels, seed, config).
 
-config keys: name ('badnets', 'badnets_a2a', 'blended', 'none'), poison_ratio (0.1),
-target (0, all-to-one), label_mode ('all2one' / 'all2all', set by the name), alpha
-(Blended, 0.2), patch_size (BadNets, 3), seed (the trigger's and the choice's).
+config keys: name ('badnets', 'badnets_a2a', 'blended', 'sig', 'none'), poison_ratio
+(0.1), target (0, all-to-one), label_mode ('all2one' / 'all2all', set by the name),
+clean_label (set by the name: SIG), alpha (Blended, 0.2), patch_size (BadNets, 3), seed
+(the trigger's and the choice's); each attack's module lists its own keys.
 """
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from drr_jax.attacks import badnets, blended
+from drr_jax.attacks import badnets, blended, sig
 from drr_jax.attacks.core import (PoisonedSet, Trigger, apply_trigger, choose_poison,
-                                  poison_with, target_labels)
+                                  poison_with, target_labels, trigger_from_record)
 
 _MAKERS = {"badnets": badnets.make_trigger, "badnets_a2a": badnets.make_trigger,
-           "blended": blended.make_trigger}
+           "blended": blended.make_trigger, "sig": sig.make_trigger}
 NAMES = ("none",) + tuple(_MAKERS)
+CLEAN_LABEL = ("sig",)
+# Poison ratios (shares of the whole training set) where an attack's own default differs
+# from the config's 10 %: a clean-label attack can poison at most its target class.
+DEFAULT_RATIOS = {"sig": 0.08}
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +31,7 @@ def resolve(config: dict[str, Any]) -> dict[str, Any]:
   if name not in NAMES:
     raise ValueError(f"unknown attack {name!r}; choose one of {NAMES}")
   config.setdefault("label_mode", "all2all" if name == "badnets_a2a" else "all2one")
+  config["clean_label"] = name in CLEAN_LABEL
   return config
 
 
@@ -49,5 +55,6 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> Po
   return poison_with(images, labels, trigger, int(config.get("seed", 0)) + 1, config)
 
 
-__all__ = ["NAMES", "PoisonedSet", "Trigger", "apply_trigger", "choose_poison",
-           "make_trigger", "poison", "resolve", "target_labels"]
+__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "PoisonedSet", "Trigger", "apply_trigger",
+           "choose_poison", "make_trigger", "poison", "resolve", "target_labels",
+           "trigger_from_record"]
