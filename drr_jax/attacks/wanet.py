@@ -1,0 +1,114 @@
+"""WaNet (Nguyen & Tran, ICLR 2021): a fixed, smooth, almost invisible warp of the image.
+
+The field: a k x k grid of random offsets, uniform in [-1, 1] and scaled so that their
+mean magnitude is 1, upsampled bicubically (align_corners) to the image size; the warp
+samples the image bilinearly at  identity + s * field / H  (times grid_rescale, clipped
+to the image), in the normalized [-1, 1] coordinates of `grid_sample(align_corners=True)`.
+Backdoor samples are warped with that field and take the target label; "noise mode"
+(cross) samples are warped with the field plus a fresh uniform offset in [-1/H, 1/H] per
+pixel and keep their labels, so that the network learns the one field rather than any
+warp. Settings of the original and BackdoorBench: k 4, s 0.5, grid_rescale 1, cross ratio
+2 (../shared/notes/backdoor-facts.md). Both kinds are drawn per batch during training
+(`drr_jax/train.py` records the samples it actually used).
+
+config keys: wanet_k (4), wanet_s (0.5), wanet_grid_rescale (1.0), wanet_cross_ratio (2).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CUBIC_A = -0.75  # the cubic convolution kernel of PyTorch's bicubic upsampling
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+  """(n, 4) weights of the samples at offsets -1, 0, 1, 2 for fractional positions t."""
+  a = CUBIC_A
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def upsample_bicubic(grid: np.ndarray, size: int) -> np.ndarray:
+  """(k, k, ...) -> (size, size, ...) bicubic interpolation with aligned corners (the
+  corner samples land on the corner pixels), indices clamped at the border."""
+  k = grid.shape[0]
+  x = np.arange(size) * (k - 1) / max(size - 1, 1)
+  x0 = np.floor(x).astype(int)
+  w = _cubic_weights(x - x0)                                   # (size, 4)
+  idx = np.clip(x0[:, None] + np.arange(-1, 3)[None, :], 0, k - 1)  # (size, 4)
+  m = np.zeros((size, k))
+  np.add.at(m, (np.repeat(np.arange(size), 4), idx.ravel()), w.ravel())
+  return np.einsum("ik,jl,kl...->ij...", m, m, grid)
+
+
+def make_field(seed: int, k: int = 4, size: int = 32) -> np.ndarray:
+  """The (size, size, 2) smooth offset field (x, y), mean magnitude 1 on its k x k grid."""
+  if k < 2 or k > size:
+    raise ValueError(f"wanet_k must be in [2, {size}], got {k}")
+  ins = np.random.default_rng(seed).uniform(-1, 1, (k, k, 2))
+  ins = ins / np.mean(np.abs(ins))
+  return upsample_bicubic(ins, size).astype(np.float32)
+
+
+def identity_grid(h: int, w: int) -> np.ndarray:
+  """(h, w, 2) normalized (x, y) coordinates of every pixel, in [-1, 1]."""
+  ys, xs = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+  return np.stack([xs, ys], -1).astype(np.float32)
+
+
+def warp_grid(field: np.ndarray, s: float = 0.5, grid_rescale: float = 1.0) -> np.ndarray:
+  """Where the warped image samples the original: (identity + s field / H) * rescale,
+  clipped to [-1, 1]."""
+  h, w = field.shape[:2]
+  return np.clip((identity_grid(h, w) + s * field / h) * grid_rescale, -1, 1)
+
+
+def noise_grids(grid: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """(n, H, W, 2) "noise mode" grids: the warp plus a uniform [-1/H, 1/H] offset per pixel."""
+  h = grid.shape[0]
+  return np.clip(grid[None] + rng.uniform(-1, 1, (n, *grid.shape)) / h, -1, 1)
+
+
+def warp(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
+  """Bilinear sampling of (N, H, W, C) images at a (H, W, 2) or (N, H, W, 2) grid of
+  normalized (x, y) coordinates (grid_sample with align_corners=True); float32 out."""
+  images = np.asarray(images, np.float32)
+  n, h, w, _ = images.shape
+  grid = np.broadcast_to(grid, (n, h, w, 2))
+  px = (grid[..., 0] + 1) * (w - 1) / 2
+  py = (grid[..., 1] + 1) * (h - 1) / 2
+  x0 = np.clip(np.floor(px).astype(int), 0, w - 1)
+  y0 = np.clip(np.floor(py).astype(int), 0, h - 1)
+  x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+  fx, fy = (px - x0)[..., None], (py - y0)[..., None]
+  b = np.arange(n)[:, None, None]
+  top = images[b, y0, x0] * (1 - fx) + images[b, y0, x1] * fx
+  bottom = images[b, y1, x0] * (1 - fx) + images[b, y1, x1] * fx
+  return top * (1 - fy) + bottom * fy
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Warped images are stored like every poisoned image: uint8 pixels."""
+  return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def settings(config: dict[str, Any]) -> tuple[int, float, float, float]:
+  """(k, s, grid_rescale, cross_ratio) from a config, checked."""
+  k = int(config.get("wanet_k", 4))
+  s = float(config.get("wanet_s", 0.5))
+  rescale = float(config.get("wanet_grid_rescale", 1.0))
+  cross = float(config.get("wanet_cross_ratio", 2.0))
+  if not s > 0:
+    raise ValueError(f"wanet_s must be positive, got {s}")
+  if not rescale > 0:
+    raise ValueError(f"wanet_grid_rescale must be positive, got {rescale}")
+  if cross < 0:
+    raise ValueError(f"wanet_cross_ratio must be >= 0, got {cross}")
+  return k, s, rescale, cross
