@@ -79,8 +79,9 @@ def attack_record(poisoned: PoisonedSet) -> dict[str, np.ndarray]:
   mask[np.asarray(poisoned.poison_idx, np.int64)] = 1
   record = {"poison_mask": mask, "pattern": poisoned.trigger.pattern,
             "mask": poisoned.trigger.mask}
-  if poisoned.trigger.offset is not None:  # an additive trigger (SIG)
-    record["offset"] = poisoned.trigger.offset
+  for extra in ("offset", "grid"):  # an additive trigger (SIG), a warp (WaNet)
+    if getattr(poisoned.trigger, extra) is not None:
+      record[extra] = getattr(poisoned.trigger, extra)
   return record
 
 

@@ -91,3 +91,18 @@ def test_noise_grids_stay_within_one_pixel_of_the_warp():
   with pytest.raises(ValueError, match="wanet_s"):
     wanet.settings({"wanet_s": 0})
   assert wanet.settings({}) == (4, 0.5, 1.0, 2.0)
+
+
+def test_the_test_time_trigger_is_the_fixed_warp_and_survives_a_record():
+  from drr_jax import attacks, train
+  trig = wanet.make_trigger(5, {"wanet_k": 4, "wanet_s": 0.5})
+  images = _smooth_images(3).round().astype(np.uint8)
+  stamped = attacks.apply_trigger(images, trig)
+  want = wanet.to_uint8(wanet.warp(images, wanet.warp_grid(wanet.make_field(5, 4, 32), 0.5)))
+  np.testing.assert_array_equal(stamped, want)
+  assert np.abs(stamped.astype(int) - images).mean() > 0.5  # it does change the images
+  record = train.attack_record(attacks.PoisonedSet(images, np.zeros(3, np.int32),
+                                                   np.zeros(0, np.int64), trig))
+  back = attacks.trigger_from_record(record)
+  np.testing.assert_array_equal(back.grid, trig.grid)
+  np.testing.assert_array_equal(attacks.apply_trigger(images, back), stamped)

@@ -1,8 +1,9 @@
 """What every poisoning attack shares: a trigger, a label map, and poisoning a set.
 
-A trigger is stamped as  x' = clip(round((1 - mask) * x + mask * pattern + offset))  in
-pixel space (uint8 in, uint8 out), which covers patch triggers (mask 0/1), blends (mask =
-alpha) and additive signals (mask 0, an offset: SIG).
+A trigger is stamped as  x' = clip(round((1 - mask) * w(x) + mask * pattern + offset))  in
+pixel space (uint8 in, uint8 out), where w warps the image along a sampling grid (or is
+the identity): patch triggers (mask 0/1), blends (mask = alpha), additive signals (mask 0,
+an offset: SIG) and warps (mask 0, a grid: WaNet).
 
 Dirty-label attacks relabel the poisoned samples (all-to-one or all-to-all); clean-label
 attacks (config `clean_label`, set by the attack's name) poison samples of the target
@@ -21,6 +22,7 @@ class Trigger(NamedTuple):
   pattern: np.ndarray  # (H, W, C) uint8
   mask: np.ndarray     # (H, W, C) float32 in [0, 1]
   offset: np.ndarray | None = None  # (H, W, C) float32 added after the blend, or None
+  grid: np.ndarray | None = None    # (H, W, 2) float32 sampling grid in [-1, 1], or None
 
 
 class PoisonedSet(NamedTuple):
@@ -36,17 +38,37 @@ def apply_trigger(images: np.ndarray, trigger: Trigger) -> np.ndarray:
   if images.ndim != 4 or images.shape[1:] != trigger.pattern.shape:
     raise ValueError(f"images of shape {images.shape} do not fit a trigger of shape "
                      f"{trigger.pattern.shape}")
-  out = (1.0 - trigger.mask) * images + trigger.mask * trigger.pattern
+  base = images if trigger.grid is None else warp_images(images, trigger.grid)
+  out = (1.0 - trigger.mask) * base + trigger.mask * trigger.pattern
   if trigger.offset is not None:
     out = out + trigger.offset
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def warp_images(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
+  """Bilinear sampling of (N, H, W, C) images at a (H, W, 2) or (N, H, W, 2) grid of
+  normalized (x, y) coordinates in [-1, 1] (PyTorch's grid_sample with
+  align_corners=True: -1 and 1 are the centres of the border pixels); float32 out."""
+  images = np.asarray(images, np.float32)
+  n, h, w, _ = images.shape
+  grid = np.broadcast_to(grid, (n, h, w, 2))
+  px = (grid[..., 0] + 1) * (w - 1) / 2
+  py = (grid[..., 1] + 1) * (h - 1) / 2
+  x0 = np.clip(np.floor(px).astype(int), 0, w - 1)
+  y0 = np.clip(np.floor(py).astype(int), 0, h - 1)
+  x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+  fx, fy = (px - x0)[..., None], (py - y0)[..., None]
+  b = np.arange(n)[:, None, None]
+  top = images[b, y0, x0] * (1 - fx) + images[b, y0, x1] * fx
+  bottom = images[b, y1, x0] * (1 - fx) + images[b, y1, x1] * fx
+  return top * (1 - fy) + bottom * fy
+
+
 def trigger_from_record(record: dict[str, Any]) -> Trigger:
   """The trigger a checkpoint's attack record holds (`train.attack_record`)."""
-  offset = record.get("offset")
-  return Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]),
-                 None if offset is None else np.asarray(offset, np.float32))
+  opt = {k: None if record.get(k) is None else np.asarray(record[k], np.float32)
+         for k in ("offset", "grid")}
+  return Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]), **opt)
 
 
 def target_labels(labels: np.ndarray, config: dict[str, Any]) -> np.ndarray:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from drr_jax.attacks.core import Trigger, warp_images
+
 CUBIC_A = -0.75  # the cubic convolution kernel of PyTorch's bicubic upsampling
 
 
@@ -76,22 +78,7 @@ def noise_grids(grid: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarra
   return np.clip(grid[None] + rng.uniform(-1, 1, (n, *grid.shape)) / h, -1, 1)
 
 
-def warp(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
-  """Bilinear sampling of (N, H, W, C) images at a (H, W, 2) or (N, H, W, 2) grid of
-  normalized (x, y) coordinates (grid_sample with align_corners=True); float32 out."""
-  images = np.asarray(images, np.float32)
-  n, h, w, _ = images.shape
-  grid = np.broadcast_to(grid, (n, h, w, 2))
-  px = (grid[..., 0] + 1) * (w - 1) / 2
-  py = (grid[..., 1] + 1) * (h - 1) / 2
-  x0 = np.clip(np.floor(px).astype(int), 0, w - 1)
-  y0 = np.clip(np.floor(py).astype(int), 0, h - 1)
-  x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-  fx, fy = (px - x0)[..., None], (py - y0)[..., None]
-  b = np.arange(n)[:, None, None]
-  top = images[b, y0, x0] * (1 - fx) + images[b, y0, x1] * fx
-  bottom = images[b, y1, x0] * (1 - fx) + images[b, y1, x1] * fx
-  return top * (1 - fy) + bottom * fy
+warp = warp_images  # bilinear sampling as grid_sample(align_corners=True)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -112,3 +99,14 @@ def settings(config: dict[str, Any]) -> tuple[int, float, float, float]:
   if cross < 0:
     raise ValueError(f"wanet_cross_ratio must be >= 0, got {cross}")
   return k, s, rescale, cross
+
+
+def make_trigger(seed: int, config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger:
+  """The test-time trigger: the fixed warp (no noise), nothing blended or added."""
+  h, w, _ = image_shape
+  if h != w:
+    raise ValueError(f"WaNet's field is square; images are {h}x{w}")
+  k, s, rescale, _ = settings(config)
+  zeros = np.zeros(image_shape, np.float32)
+  return Trigger(zeros.astype(np.uint8), zeros, None,
+                 warp_grid(make_field(seed, k, h), s, rescale))
