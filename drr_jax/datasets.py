@@ -11,14 +11,23 @@ from drr_jax import attacks, data
 
 
 class Datasets(NamedTuple):
-  train: attacks.PoisonedSet  # poisoned training set (95 % of CIFAR-10 train)
+  train: attacks.PoisonedSet  # poisoned training set (95 % of CIFAR-10 train), as trained on
   val: data.Split             # clean held-out 5 %
   test: data.Split | None     # clean test set (None when not asked for)
+  # what `train.train` consumes: `train` itself, or for a per-batch attack (WaNet) the
+  # clean base whose batches training poisons as it draws them
+  train_base: attacks.PoisonedSet | None = None
+
+  @property
+  def base(self) -> attacks.PoisonedSet:
+    return self.train if self.train_base is None else self.train_base
 
 
 def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
          cache_dir: str | os.PathLike | None = None, test: bool = True) -> Datasets:
-  """Reads CIFAR-10, holds out validation, and poisons the rest as config['attack'] says.
+  """Reads CIFAR-10, holds out validation, and poisons the rest as config['attack'] says:
+  `train` is the set the model was trained on (a per-batch attack's: as its final epoch
+  used it), `base` what `train.train` takes.
 
   With test=False the test zip is not read (e.g. while choosing settings on validation).
   """
@@ -33,4 +42,10 @@ def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
     keep = np.sort(np.random.default_rng(dcfg["split_seed"]).permutation(
         len(test.labels))[:dcfg["limit_test"]])
     test = data.Split(test.images[keep], test.labels[keep])
-  return Datasets(attacks.poison(train.images, train.labels, config["attack"]), val, test)
+  base = attacks.poison(train.images, train.labels, config["attack"])
+  if config["attack"].get("name") not in attacks.PER_BATCH:
+    return Datasets(base, val, test)
+  t = config["train"]
+  used = attacks.trained_set(base, config["attack"], config["seed"], t["epochs"],
+                             t["batch_size"])
+  return Datasets(used, val, test, base)

@@ -130,7 +130,7 @@ def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
     return exported
   if finished_meta(workdir, tcfg) is None:
     ds = datasets.load(tcfg, data_dir, cache_dir, test=False)
-    train_lib.train(tcfg, ds.train, ds.val, workdir, resume=True, progress=progress)
+    train_lib.train(tcfg, ds.base, ds.val, workdir, resume=True, progress=progress)
   if exported is None:
     return workdir
   if exported.exists():  # debris of an export killed midway, or of another config

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from drr_jax import checkpoint, data, evaluate
+from drr_jax import attacks, checkpoint, data, evaluate
 from drr_jax.attacks import PoisonedSet
 from drr_jax.models import get_model
 
@@ -88,7 +88,8 @@ def attack_record(poisoned: PoisonedSet) -> dict[str, np.ndarray]:
 def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
           workdir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True) -> tuple[State, dict[str, Any]]:
-  """Trains on `train_set`, checkpointing every epoch under `workdir`.
+  """Trains on `train_set` (for a per-batch attack, its clean base: each batch is
+  poisoned as it is drawn), checkpointing every epoch under `workdir`.
 
   With resume=True, continues from the latest complete epoch in `workdir`. Returns the
   final state and the meta record (config, per-epoch history).
@@ -104,7 +105,9 @@ def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
   key = jax.random.key(config["seed"])
   init_key, aug_key = jax.random.split(key)
   state = init_state(model, tx, init_key, train_set.images.shape[1:])
-  record = attack_record(train_set)
+  # a per-batch attack (WaNet) records the set its final epoch will have used
+  record = attack_record(attacks.trained_set(train_set, config["attack"], config["seed"],
+                                             t["epochs"], t["batch_size"]))
   meta = {"config": config, "history": [], "steps_per_epoch": steps_per_epoch,
           "num_train": n}
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"),
@@ -128,9 +131,8 @@ def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
   update_fn = make_update_fn(model, tx)
   for epoch in range(start_epoch, t["epochs"]):
     t0 = time.time()
-    batches = data.batches(data.Split(train_set.images, train_set.labels),
-                           t["batch_size"], seed=config["seed"] * 100003 + epoch,
-                           drop_last=True)
+    batches = attacks.train_batches(train_set, config["attack"], config["seed"], epoch,
+                                    t["batch_size"])
     bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{t['epochs']}",
                disable=not progress, leave=False)
     sums, count = {"loss": 0.0, "accuracy": 0.0}, 0

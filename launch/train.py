@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"data: {len(ds.train.labels)} train ({len(ds.train.poison_idx)} poisoned), "
         f"{len(ds.val.labels)} val, {len(ds.test.labels)} test; "
         f"devices {jax.devices()}", flush=True)
-  state, meta = train.train(config, ds.train, ds.val, workdir, resume=args.resume)
+  state, meta = train.train(config, ds.base, ds.val, workdir, resume=args.resume)
   model = train.build_model(config)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   trigger = ds.train.trigger if config["attack"]["name"] != "none" else None

@@ -11,12 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from drr_jax.attacks import badnets, blended, sig
+from drr_jax.attacks import badnets, blended, sig, wanet
 from drr_jax.attacks.core import (PoisonedSet, Trigger, apply_trigger, choose_poison,
                                   poison_with, target_labels, trigger_from_record)
+from drr_jax.attacks.schedule import PER_BATCH, train_batches, trained_set
 
 _MAKERS = {"badnets": badnets.make_trigger, "badnets_a2a": badnets.make_trigger,
-           "blended": blended.make_trigger, "sig": sig.make_trigger}
+           "blended": blended.make_trigger, "sig": sig.make_trigger,
+           "wanet": wanet.make_trigger}
 NAMES = ("none",) + tuple(_MAKERS)
 CLEAN_LABEL = ("sig",)
 # Poison ratios (shares of the whole training set) where an attack's own default differs
@@ -43,9 +45,14 @@ def make_trigger(config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger | N
 
 
 def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> PoisonedSet:
-  """The training set an attacker hands over: triggered copies relabelled in place."""
+  """The training set an attacker hands over: triggered copies relabelled in place. For
+  a per-batch attack (WaNet), the clean set with its trigger: training poisons each batch
+  (`schedule.train_batches`), and `schedule.trained_set` rebuilds what it used."""
   config = resolve(config)
   trigger = make_trigger(config, images.shape[1:])
+  if trigger is not None and config["name"] in PER_BATCH:
+    return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
+                       np.zeros((0,), np.int64), trigger)
   if trigger is None:
     return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
                        np.zeros((0,), np.int64),
@@ -55,6 +62,6 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> Po
   return poison_with(images, labels, trigger, int(config.get("seed", 0)) + 1, config)
 
 
-__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "PoisonedSet", "Trigger", "apply_trigger",
-           "choose_poison", "make_trigger", "poison", "resolve", "target_labels",
-           "trigger_from_record"]
+__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "PER_BATCH", "PoisonedSet", "Trigger",
+           "apply_trigger", "choose_poison", "make_trigger", "poison", "resolve",
+           "target_labels", "train_batches", "trained_set", "trigger_from_record"]

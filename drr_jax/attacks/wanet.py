@@ -9,7 +9,14 @@ Backdoor samples are warped with that field and take the target label; "noise mo
 pixel and keep their labels, so that the network learns the one field rather than any
 warp. Settings of the original and BackdoorBench: k 4, s 0.5, grid_rescale 1, cross ratio
 2 (../shared/notes/backdoor-facts.md). Both kinds are drawn per batch during training
-(`drr_jax/train.py` records the samples it actually used).
+(`attacks.schedule`), and the defender is handed the set that the final epoch used
+(`schedule.trained_set`). BackdoorBench instead regenerates its `bd_train` after training
+in a fresh, unshuffled pass with new noise; the set here is the one the model saw.
+
+Choices where this differs from the original code: warped images are stored as uint8
+pixels like every poisoned image here (a rounding of at most half a grey level); the
+warp is applied before the project's augmentation (random crop with 4-pixel padding and
+flip), where the original adds a 10-degree random rotation.
 
 config keys: wanet_k (4), wanet_s (0.5), wanet_grid_rescale (1.0), wanet_cross_ratio (2).
 """
