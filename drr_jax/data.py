@@ -156,6 +156,21 @@ def _write_cache(path: Path, split: Split) -> None:
     raise
 
 
+def digest(images: np.ndarray, labels: np.ndarray) -> str:
+  """SHA-256 of a split's images and labels (cache keys and checks)."""
+  return _digest(images, labels)
+
+
+def read_cached(path: str | os.PathLike) -> Split | None:
+  """A split cached by `write_cached`, or None when absent, damaged or inconsistent."""
+  return _read_cache(Path(path))
+
+
+def write_cached(path: str | os.PathLike, split: Split) -> None:
+  """Caches a split atomically, with a digest that `read_cached` checks."""
+  _write_cache(Path(path), split)
+
+
 def load_split(split: str, data_dir: str | os.PathLike | None = None,
                cache_dir: str | os.PathLike | None = None) -> Split:
   """One CIFAR-10 split ('train' or 'test') as uint8 images and int32 labels.

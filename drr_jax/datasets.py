@@ -42,7 +42,12 @@ def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
     keep = np.sort(np.random.default_rng(dcfg["split_seed"]).permutation(
         len(test.labels))[:dcfg["limit_test"]])
     test = data.Split(test.images[keep], test.labels[keep])
-  base = attacks.poison(train.images, train.labels, config["attack"])
+  perturb = None
+  if config["attack"].get("name") in attacks.NEEDS_ADVERSARY:
+    from drr_jax import adversary  # trains the attacker's model: only for these attacks
+    adv_root = None if cache_dir is None else os.path.join(cache_dir, "adversary")
+    perturb = lambda idx: adversary.perturbed(config, train, val, idx, cache_dir=adv_root)
+  base = attacks.poison(train.images, train.labels, config["attack"], perturb=perturb)
   if config["attack"].get("name") not in attacks.PER_BATCH:
     return Datasets(base, val, test)
   t = config["train"]

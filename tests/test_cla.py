@@ -52,3 +52,39 @@ def test_pgd_stays_within_eps_keeps_pixels_valid_and_raises_the_loss():
   assert ce(adv) > ce(images) + 0.05
   with pytest.raises(ValueError, match="PGD"):
     cla.settings({"cla_eps": 0})
+
+
+def test_cla_end_to_end_poisons_the_target_class_within_eps_and_caches(tmp_path,
+                                                                      monkeypatch):
+  from drr_jax import attacks, configs, data, datasets
+  from drr_jax import train as train_lib
+  from tests.conftest import make_fake_zips
+  make_fake_zips(tmp_path / "zips", per_class=30)
+  cfg = configs.get_config("tiny")
+  cfg["attack"] = {**cfg["attack"], "name": "cla", "poison_ratio": 0.08, "target": 4}
+  with pytest.raises(ValueError, match="clean model"):
+    attacks.poison(np.zeros((10, 32, 32, 3), np.uint8), np.arange(10), cfg["attack"])
+  ds = datasets.load(cfg, tmp_path / "zips", tmp_path / "cache", test=False)
+  full = data.load_split("train", tmp_path / "zips", tmp_path / "cache")
+  train, _ = data.holdout_split(full, cfg["data"]["val_fraction"], cfg["data"]["split_seed"])
+  ps = ds.train
+  np.testing.assert_array_equal(ps.labels, train.labels)  # labels unchanged
+  assert len(ps.poison_idx) == round(0.08 * len(train.labels))
+  assert np.all(train.labels[ps.poison_idx] == 4)  # the target class only
+  outside = ps.trigger.mask == 0
+  diff = ps.images[ps.poison_idx].astype(int) - train.images[ps.poison_idx].astype(int)
+  assert np.abs(diff[:, outside]).max() <= 12  # within eps where the trigger is not
+  assert np.abs(diff[:, outside]).max() > 0
+  corners = ps.images[ps.poison_idx][:, ps.trigger.mask == 1]
+  np.testing.assert_array_equal(corners, np.broadcast_to(ps.trigger.pattern[ps.trigger.mask
+                                                                            == 1],
+                                                         corners.shape))
+  clean = np.setdiff1d(np.arange(len(train.labels)), ps.poison_idx)
+  np.testing.assert_array_equal(ps.images[clean], train.images[clean])
+  # a second load trains nothing and recomputes nothing: the artefacts are cached
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the attacker's model must come from the cache")))
+  monkeypatch.setattr(attacks.cla, "pgd", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the perturbed images must come from the cache")))
+  again = datasets.load(cfg, tmp_path / "zips", tmp_path / "cache", test=False)
+  np.testing.assert_array_equal(again.train.images, ps.images)

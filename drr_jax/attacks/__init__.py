@@ -2,28 +2,30 @@
 
 config keys: name ('badnets', 'badnets_a2a', 'blended', 'sig', 'none'), poison_ratio
 (0.1), target (0, all-to-one), label_mode ('all2one' / 'all2all', set by the name),
-clean_label (set by the name: SIG), alpha (Blended, 0.2), patch_size (BadNets, 3), seed
+clean_label (set by the name: SIG, CLA), alpha (Blended, 0.2), patch_size (BadNets, 3), seed
 (the trigger's and the choice's); each attack's module lists its own keys.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from drr_jax.attacks import badnets, blended, sig, wanet
+from drr_jax.attacks import badnets, blended, cla, sig, wanet
 from drr_jax.attacks.core import (PoisonedSet, Trigger, apply_trigger, choose_poison,
                                   poison_with, target_labels, trigger_from_record)
 from drr_jax.attacks.schedule import PER_BATCH, train_batches, trained_set
 
 _MAKERS = {"badnets": badnets.make_trigger, "badnets_a2a": badnets.make_trigger,
            "blended": blended.make_trigger, "sig": sig.make_trigger,
-           "wanet": wanet.make_trigger}
+           "wanet": wanet.make_trigger, "cla": cla.make_trigger}
 NAMES = ("none",) + tuple(_MAKERS)
-CLEAN_LABEL = ("sig",)
+CLEAN_LABEL = ("sig", "cla")
+# Attacks whose poisoned images come from the attacker's own model (`drr_jax.adversary`).
+NEEDS_ADVERSARY = ("cla",)
 # Poison ratios (shares of the whole training set) where an attack's own default differs
 # from the config's 10 %: a clean-label attack can poison at most its target class.
-DEFAULT_RATIOS = {"sig": 0.08}
+DEFAULT_RATIOS = {"sig": 0.08, "cla": 0.08}
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -44,12 +46,24 @@ def make_trigger(config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger | N
   return _MAKERS[config["name"]](int(config.get("seed", 0)), config, image_shape)
 
 
-def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> PoisonedSet:
+def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any], *,
+           perturb: Callable[[np.ndarray], np.ndarray] | None = None) -> PoisonedSet:
   """The training set an attacker hands over: triggered copies relabelled in place. For
   a per-batch attack (WaNet), the clean set with its trigger: training poisons each batch
   (`schedule.train_batches`), and `schedule.trained_set` rebuilds what it used."""
   config = resolve(config)
   trigger = make_trigger(config, images.shape[1:])
+  if trigger is not None and config["name"] in NEEDS_ADVERSARY:
+    if perturb is None:
+      raise ValueError(f"{config['name']!r} poisons with images computed against the "
+                       "attacker's own clean model: load the data with "
+                       "drr_jax.datasets.load, which trains and caches that model")
+    rng = np.random.default_rng(int(config.get("seed", 0)) + 1)
+    idx = choose_poison(labels, float(config.get("poison_ratio", 0.1)), rng, config)
+    out = np.array(images, copy=True)
+    if len(idx):
+      out[idx] = apply_trigger(perturb(idx), trigger)
+    return PoisonedSet(out, np.asarray(labels, np.int32), idx, trigger)
   if trigger is not None and config["name"] in PER_BATCH:
     return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
                        np.zeros((0,), np.int64), trigger)
@@ -62,6 +76,6 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any]) -> Po
   return poison_with(images, labels, trigger, int(config.get("seed", 0)) + 1, config)
 
 
-__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "PER_BATCH", "PoisonedSet", "Trigger",
+__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "NEEDS_ADVERSARY", "PER_BATCH", "PoisonedSet", "Trigger",
            "apply_trigger", "choose_poison", "make_trigger", "poison", "resolve",
            "target_labels", "train_batches", "trained_set", "trigger_from_record"]
