@@ -202,6 +202,11 @@ def test_grids_name_the_issue_cells():
   assert cfg["train"]["epochs"] == 12 and cfg["preset"] == "cpu"
   with pytest.raises(ValueError, match="unknown grid"):
     grid.get_grid("huge")
+  new = grid.get_grid("new-attacks")  # issue 14: three models x CLA, SIG, WaNet
+  assert {(c.model, c.attack, c.poison_ratio) for c in new} == {
+      (m, a, r) for m in ("resnet18", "preact_resnet18", "wrn28_1")
+      for a, r in (("cla", 0.08), ("sig", 0.08), ("wanet", 0.10))}
+  assert len({grid.cell_id(c) for c in new}) == len({c.seed for c in new}) == 9
 
 
 def test_records_name_the_uncommitted_files_they_ran_with(tmp_path):
