@@ -25,9 +25,10 @@ CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slig
           "the PNG originals.")
 MODEL_ORDER = ("resnet18", "wrn28_1", "densenet121")
 MODEL_NAMES = {"resnet18": "ResNet-18", "wrn28_1": "WRN-28-1", "densenet121": "DenseNet-121"}
-ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "none")
+ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "cla", "sig", "wanet", "none")
 ATTACK_NAMES = {"badnets": "BadNets (all-to-one)", "badnets_a2a": "BadNets (all-to-all)",
-                "blended": "Blended", "none": "No attack"}
+                "blended": "Blended", "cla": "Clean-label (CLA)", "sig": "SIG",
+                "wanet": "WaNet", "none": "No attack"}
 C_REFERENCE = 5.0  # the dashed line of fig_C_per_layer
 
 
@@ -290,6 +291,11 @@ def _attack_text(rec: dict[str, Any]) -> str:
   if name == "blended":
     return (f"Blended {a.get('blend_pattern', 'noise')} alpha {a.get('alpha', 0.2):g}, "
             f"target {a.get('target', 0)}, {ratio}")
+  if name in ("cla", "sig"):
+    return f"{ATTACK_NAMES[name]}, target {a.get('target', 0)}, {ratio} of the set"
+  if name == "wanet":
+    return (f"WaNet k {a.get('wanet_k', 4)} s {a.get('wanet_s', 0.5):g}, "
+            f"target {a.get('target', 0)}, {ratio} per batch")
   return f"{name}, {ratio}"
 
 

@@ -295,3 +295,12 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   assert "paper DRR ACC / ASR" in table and "**mean of 1 backdoored**" in table
   assert "## Clean controls" in table and "`zoo-test-clean`: DRR" in table
   assert paths["fig_zoo"].stat().st_size > 1000
+
+
+def test_the_report_names_the_new_attacks():
+  def text(**attack):
+    return report._attack_text({"config": {"training": {"attack": attack}}})
+  assert text(name="cla", poison_ratio=0.08, target=2) == (
+      "Clean-label (CLA), target 2, 8 % of the set")
+  assert text(name="sig", poison_ratio=0.08) == "SIG, target 0, 8 % of the set"
+  assert text(name="wanet", poison_ratio=0.1) == "WaNet k 4 s 0.5, target 0, 10 % per batch"
