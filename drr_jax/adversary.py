@@ -45,16 +45,9 @@ def clean_model(config: dict[str, Any], train: data.Split, val: data.Split, *,
   from drr_jax import train as train_lib  # training is needed only for this attack
   cfg = clean_config(config)
   key = _hash({"config": cfg, "data": data.digest(train.images, train.labels)})
+  from drr_jax.experiment import finished_meta
   workdir = root(cache_dir) / f"clean-{key}"
-  ckpt = workdir / "checkpoints"
-  done = False
-  if ckpt.is_dir():
-    try:
-      meta = checkpoint.restore(ckpt, {"meta": None})["meta"]
-      done = len(meta.get("history", [])) >= cfg["train"]["epochs"]
-    except checkpoint.CheckpointError:
-      done = False
-  if not done:
+  if finished_meta(workdir, cfg) is None:
     empty = Trigger(np.zeros(train.images.shape[1:], np.uint8),
                     np.zeros(train.images.shape[1:], np.float32))
     clean = PoisonedSet(train.images, train.labels, np.zeros(0, np.int64), empty)
