@@ -1,11 +1,17 @@
 """Orbax checkpoints of a model run: 'model' (params, batch_stats), 'opt' (optimizer
-state, step), 'attack' (poison indices and trigger, for analysis only) and 'meta' (JSON:
-config, history). Orbax writes to a temporary folder and renames it, so a killed save
-never leaves a half-written step behind.
+state, step), 'attack' (poison indices and trigger, for analysis only), 'meta' (JSON:
+config, history) and 'digest' (JSON: a sha256 of every saved array).
+
+Orbax writes to a temporary folder and renames it, so a killed save never leaves a
+half-written step behind. Orbax's OCDBT store does not check the integrity of the array
+data, so every restore compares the arrays it read with the saved digests, and refuses a
+checkpoint whose arrays changed on disk, or whose model holds NaN/Inf, naming it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +21,7 @@ import orbax.checkpoint as ocp
 
 
 ITEMS = ("model", "opt", "attack")
+DIGEST = "digest"  # the JSON item holding {item: {array path: sha256}}
 
 
 class CheckpointError(RuntimeError):
@@ -30,6 +37,7 @@ def manager(directory: str | os.PathLike, keep: int = 2, create: bool = True
                                       enable_async_checkpointing=False)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS}
   handlers["meta"] = ocp.JsonCheckpointHandler()
+  handlers[DIGEST] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(directory, options=opts, item_handlers=handlers)
 
 
@@ -47,10 +55,38 @@ def _on_local_device(shape, dtype) -> jax.ShapeDtypeStruct:
                               sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
+def _path_name(path) -> str:
+  """A pytree path as 'a/b/0', the same whether the tree is a dict or a NamedTuple."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+  """{path: sha256 of dtype, shape and bytes} of every array leaf of a pytree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    out[_path_name(path)] = h.hexdigest()
+  return out
+
+
 def save(mngr: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> None:
-  """Saves items; pytrees of arrays go through StandardSave, 'meta' as JSON."""
+  """Saves items; pytrees of arrays go through StandardSave with their digests in the
+  'digest' item, 'meta' as JSON."""
+  items = {k: v for k, v in items.items() if k != DIGEST}
+  digests = {k: array_digests(v) for k, v in items.items() if k != "meta"}
   args = {k: (ocp.args.JsonSave(v) if k == "meta" else ocp.args.StandardSave(v))
           for k, v in items.items()}
+  args[DIGEST] = ocp.args.JsonSave(digests)
   mngr.save(step, args=ocp.args.Composite(**args))
   mngr.wait_until_finished()
 
@@ -97,7 +133,77 @@ def restore(directory: str | os.PathLike, targets: dict[str, Any | None],
   for name, target in targets.items():
     if target is not None and name != "meta":
       check_fits(out[name], target, f"{directory} step {step} item {name!r}")
-  return dict(out)
+  arrays = {k: v for k, v in out.items() if k not in ("meta", DIGEST)}
+  if arrays:
+    verify(directory, step, arrays)
+  return {k: v for k, v in out.items() if k != DIGEST}
+
+
+def _saved_digests(directory: Path, step: int) -> dict[str, dict[str, str]]:
+  if not (directory / str(step) / DIGEST).is_dir():
+    raise CheckpointError(
+        f"{directory} step {step} carries no array digest, so its data cannot be "
+        "checked (it was written before digests existed); if you trust it, add one "
+        "with drr_jax.checkpoint.seal(folder)")
+  mngr = manager(directory, create=False)
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(
+        **{DIGEST: ocp.args.JsonRestore()}))[DIGEST]
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"cannot read the array digest of {directory} step {step}: "
+                          f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
+def verify(directory: str | os.PathLike, step: int, items: dict[str, Any]) -> None:
+  """Raises CheckpointError unless every restored array matches the digest saved with
+  it, and the model's arrays are finite."""
+  directory = Path(directory).absolute()
+  saved = _saved_digests(directory, step)
+  for name, tree in items.items():
+    if name not in saved:
+      raise CheckpointError(f"{directory} step {step}: no digest for item {name!r}")
+    got, want = array_digests(tree), saved[name]
+    if set(got) == set(want):
+      bad = sorted(k for k in want if got[k] != want[k])
+    else:  # restored in another container type than saved (e.g. no target given)
+      bad = ["(some array)"] if sorted(got.values()) != sorted(want.values()) else []
+    if bad:
+      raise CheckpointError(
+          f"{directory} step {step} is damaged: item {name!r} does not match the digest "
+          f"saved with it ({', '.join(bad[:5])}); do not use this checkpoint")
+    if name == "model":
+      nonfinite = [_path_name(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                   if np.issubdtype(np.asarray(leaf).dtype, np.floating)
+                   and not np.all(np.isfinite(np.asarray(leaf)))]
+      if nonfinite:
+        raise CheckpointError(f"{directory} step {step}: the model holds NaN or Inf "
+                              f"values in {', '.join(nonfinite[:5])}")
+
+
+def seal(folder: str | os.PathLike) -> Path:
+  """Adds array digests to a checkpoint written before they existed (every step, in
+  place, each step replaced atomically). Only for checkpoints you trust: whatever the
+  arrays hold now is what later loads will be checked against."""
+  directory = Path(folder)
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  mngr = manager(directory, create=False)
+  for step in mngr.all_steps():
+    if (directory / str(step) / DIGEST).is_dir():
+      continue
+    names = [n for n in (*ITEMS, "meta") if (directory / str(step) / n).is_dir()]
+    args = {n: (ocp.args.JsonRestore() if n == "meta"
+                else ocp.args.StandardRestore(_abstract(mngr, step, n))) for n in names}
+    items = dict(mngr.restore(step, args=ocp.args.Composite(**args)))
+    tmp = directory.parent / f".{directory.name}.seal-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(manager(tmp, keep=1), step, items)
+    old = directory / f".{step}.unsealed"
+    os.replace(directory / str(step), old)
+    os.replace(tmp / str(step), directory / str(step))
+    shutil.rmtree(old)
+    shutil.rmtree(tmp)
+  return Path(folder)
 
 
 def check_fits(tree: Any, reference: Any, what: str) -> None:
