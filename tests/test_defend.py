@@ -537,3 +537,41 @@ def test_class_collateral_tells_a_class_direction_from_a_trigger():
                    config={**cfg, "max_class_collateral": 0.5}, progress=False)
   assert trig["layers"][0]["kept"] == 1
   assert trig["layers"][0]["checks"][0]["class_collateral"] < 0.2
+
+
+def test_images_on_the_wrong_scale_are_refused_for_pixel_models():
+  """drr_jax's models read pixels 0..255: [0, 1] floats, out-of-range or bool images,
+  and grey images would all run and defend a meaningless input."""
+  from drr_jax.models import get_model
+  model = get_model("vgg11", width=0.125)
+  x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+  v = model.init(jax.random.key(0), x[:1], train=False)
+  cases = [
+      (x.astype(np.float32) / 255.0, r"scaled to \[0, 1\]"),
+      (x.astype(np.int32) * 2 - 100, "0..255"),
+      (x > 128, "dtype bool"),
+      ((x.astype(np.float32) - 128) / 64, "0..255"),
+      (x[..., :1], "1 channel.*np.repeat"),
+  ]
+  for batch, msg in cases:
+    with pytest.raises(DefenseError, match=msg):
+      defend(model, v, batch, progress=False)
+  # floats on the pixel scale are accepted (checked up to the point where work starts)
+  from drr_jax.defenses.drr.inputs import as_images
+  assert as_images(x.astype(np.float32), model).dtype == np.float32
+
+
+def test_k_above_a_units_width_is_said_for_multistart():
+  """multistart's k counts starts: a narrower unit gets one per channel, and the report
+  says where; a frame search cannot, and fails."""
+  from drr_jax.defenses.drr.inputs import LayerPlan, _check_k, capped_k
+  plan = LayerPlan(["conv:in", "head:in"], "head", {"conv:in": 3, "head:in": 16})
+  assert capped_k(DRRConfig(k=4), plan) == {"conv:in": 3}
+  assert capped_k(DRRConfig(k=2), plan) == {}
+  report = {"layers": [], "config": {"k": 4, "tau": 0.0, "confirm": True, "tail_z": 2.0,
+                                     "min_tail_flip": 0.6}, "capped_k": {"conv:in": 3},
+            "directions_kept": 0, "layers_projected": [], "feature_passes": 1,
+            "seconds": 1.0}
+  assert "k = 4 starts capped at the width of conv:in (3)" in format_report(report)
+  with pytest.raises(DefenseError, match="exceeds the 5 channels"):
+    _check_k(DRRConfig(k=8, search="joint", mode="sequential"), {"conv": 5}, "layer")

@@ -25,6 +25,16 @@ MODELS: dict[str, Callable[[float, int], nn.Module]] = {
 }
 
 
+# The models that read pixel values 0..255 and normalize them themselves (their
+# subclasses too): inputs on another scale are a mistake that `defend` can name.
+PIXEL_MODELS = (DenseNet, MobileNetV2, PreActResNet, ResNet, VGG, WideResNet)
+
+
+def takes_pixels(model) -> bool:
+  """Whether `model` is one of drr_jax's models, which take pixels 0..255."""
+  return isinstance(model, PIXEL_MODELS)
+
+
 def get_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module:
   """Model by name (one of `MODELS`) at a channel width multiplier."""
   if name not in MODELS:
@@ -34,6 +44,6 @@ def get_model(name: str, num_classes: int = 10, width: float = 1.0) -> nn.Module
   return MODELS[name](float(width), num_classes)
 
 
-__all__ = ["MODELS", "get_model", "ResNet", "PreActResNet", "WideResNet", "DenseNet",
+__all__ = ["MODELS", "PIXEL_MODELS", "get_model", "takes_pixels", "ResNet", "PreActResNet", "WideResNet", "DenseNet",
            "VGG", "MobileNetV2", "resnet18", "preact_resnet18", "wrn28_1", "densenet121",
            "vgg11", "mobilenet_v2"]

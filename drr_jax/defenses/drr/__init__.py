@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from drr_jax.defenses.drr.confirmation import Confirmer
 from drr_jax.defenses.drr.config import DRRConfig, default_config, make_config
 from drr_jax.defenses.drr.errors import DefenseError
-from drr_jax.defenses.drr.inputs import as_images, check_fit, extract, layer_plan
+from drr_jax.defenses.drr.inputs import (as_images, capped_k, check_fit, extract,
+                                        layer_plan)
 from drr_jax.defenses.drr.loop import run_layers
 from drr_jax.defenses.drr.readers import channel_link, same_input
 from drr_jax.defenses.drr.removal import Removal
@@ -69,7 +70,7 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   were kept, and the seconds spent.
   """
   cfg = make_config(config)
-  images = as_images(batch)
+  images = as_images(batch, model)
   check_fit(model, variables, images.shape[1:])
   plan = layer_plan(model, variables, images.shape[1:], cfg, images[:PROBE])
   t_start = time.time()
@@ -85,4 +86,5 @@ def defend(model: nn.Module | Callable, variables: Mapping[str, Any], batch: Any
   out = run_layers(run, variables, LoopState.initial(len(images)))
   report = build_report(cfg, out.entries, out.state.carried, out.passes, len(images),
                         time.time() - t_start)
+  report["capped_k"] = capped_k(cfg, plan)
   return out.variables, report

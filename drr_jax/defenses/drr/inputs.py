@@ -13,14 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drr_jax import features, sites
+from drr_jax import features, models, sites
 from drr_jax.defenses.drr.config import DRRConfig
 from drr_jax.defenses.drr.errors import DefenseError
 
 
-def as_images(batch: Any) -> np.ndarray:
+def as_images(batch: Any, model: Any = None) -> np.ndarray:
   """An array (N, H, W, C), or an iterable of such arrays or of (images, labels) pairs,
-  as one array; checks rank, emptiness and finiteness."""
+  as one array; checks rank, emptiness, dtype, finiteness and, for drr_jax's own models
+  (which take pixels 0..255), the value range (`check_pixels`)."""
   if isinstance(batch, (np.ndarray, jax.Array)):
     parts = [batch]
   elif isinstance(batch, Iterable):
@@ -39,9 +40,36 @@ def as_images(batch: Any) -> np.ndarray:
   images = np.concatenate(parts) if len(parts) > 1 else parts[0]
   if len(images) < 2:
     raise DefenseError(f"the batch holds {len(images)} image(s); DRR needs at least 2")
-  if np.issubdtype(images.dtype, np.floating) and not np.all(np.isfinite(images)):
-    raise DefenseError("the images contain NaN or Inf")
+  check_pixels(images, pixels=models.takes_pixels(model))
   return images
+
+
+def check_pixels(images: np.ndarray, pixels: bool = True) -> None:
+  """Bool or non-numeric images, integers outside 0..255, NaN/Inf are refused; with
+  `pixels` (drr_jax's models read pixel values 0..255, uint8 or floats on that scale, and
+  normalize them themselves) so are floats out of range or scaled to [0, 1]: such
+  images run without error and would defend a meaningless input."""
+  dtype = images.dtype
+  if dtype == np.bool_ or not np.issubdtype(dtype, np.number):
+    raise DefenseError(f"images must be uint8 pixels 0..255, got dtype {dtype}")
+  if np.issubdtype(dtype, np.complexfloating):
+    raise DefenseError(f"images must be uint8 pixels 0..255, got dtype {dtype}")
+  if np.issubdtype(dtype, np.floating) and not np.all(np.isfinite(images)):
+    raise DefenseError("the images contain NaN or Inf")
+  if pixels and images.shape[-1] != 3:
+    raise DefenseError(f"the images have {images.shape[-1]} channel(s) (shape "
+                       f"{images.shape[1:]}); the model takes 3 (RGB): for grey images "
+                       "repeat the channel, np.repeat(images, 3, axis=-1)")
+  if dtype == np.uint8 or (np.issubdtype(dtype, np.floating) and not pixels):
+    return
+  lo, hi = float(np.min(images)), float(np.max(images))
+  if lo < 0 or hi > 255:
+    raise DefenseError(f"images must be pixels 0..255 (uint8), got values from {lo:g} to "
+                       f"{hi:g}: pass the raw images, not normalized ones")
+  if np.issubdtype(dtype, np.floating) and hi <= 1.0:
+    raise DefenseError(f"the images hold floats in [{lo:g}, {hi:g}], which looks like "
+                       "pixels scaled to [0, 1]; the models take pixels 0..255 (uint8): "
+                       "pass (images * 255).round().astype(np.uint8)")
 
 
 def check_fit(model: nn.Module | Callable, variables: Any, image_shape: tuple[int, ...]
@@ -51,6 +79,16 @@ def check_fit(model: nn.Module | Callable, variables: Any, image_shape: tuple[in
   try:
     jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape), jnp.uint8))
   except Exception as e:  # noqa: BLE001 - Flax raises many types for mismatched params
+    if len(image_shape) == 3 and image_shape[-1] != 3:
+      try:
+        jax.eval_shape(apply, variables, jnp.zeros((1, *image_shape[:2], 3), jnp.uint8))
+      except Exception:  # noqa: BLE001
+        pass
+      else:
+        raise DefenseError(
+            f"the images have {image_shape[-1]} channel(s) (shape {image_shape}); the "
+            "model takes 3 (RGB): for grey images repeat the channel, "
+            "np.repeat(images, 3, axis=-1)") from e
     raise DefenseError(f"the params do not fit the model: {type(e).__name__}: "
                        f"{str(e)[:400]}") from e
 
@@ -87,12 +125,24 @@ def layer_plan(model: nn.Module | Callable, variables: Any, image_shape: tuple[i
   kernels = features.layer_kernels(variables["params"])
   width = {name: kernels[name].shape[-1 if outputs else -2]
            for name in [*order, classifier]}
-  if cfg.search != "multistart":  # multistart's k counts starts, capped at C later
-    for name in order:
-      c = width[name]
-      if cfg.k > c:
-        raise DefenseError(f"k = {cfg.k} exceeds the {c} channels of layer {name!r}")
+  _check_k(cfg, {name: width[name] for name in order}, "layer")
   return LayerPlan(order, classifier, width)
+
+
+def _check_k(cfg: DRRConfig, width: dict[str, int], what: str) -> None:
+  """k above a unit's width is an error for a frame search (St(C, k) needs k <= C); for
+  multistart, whose k counts starts, such a unit gets one start per channel, which the
+  report lists (`capped_k`)."""
+  if cfg.search == "multistart":
+    return
+  for name, c in width.items():
+    if cfg.k > c:
+      raise DefenseError(f"k = {cfg.k} exceeds the {c} channels of {what} {name!r}")
+
+
+def capped_k(cfg: DRRConfig, plan: LayerPlan) -> dict[str, int]:
+  """The units where multistart's k starts exceed the width: unit -> starts used."""
+  return {u: int(plan.width[u]) for u in plan.order if cfg.k > plan.width[u]}
 
 
 def _site_plan(model, variables, cfg: DRRConfig, order: list[str], classifier: str,
@@ -115,11 +165,7 @@ def _site_plan(model, variables, cfg: DRRConfig, order: list[str], classifier: s
   width = {s.name: int(kernels[s.layer].shape[-2 if s.side == "input" else -1])
            for s in found}
   width[classifier] = int(kernels[classifier].shape[-2])
-  if cfg.search != "multistart":
-    for s in found:
-      if cfg.k > width[s.name]:
-        raise DefenseError(f"k = {cfg.k} exceeds the {width[s.name]} channels of site "
-                           f"{s.name!r}")
+  _check_k(cfg, {s.name: width[s.name] for s in found}, "site")
   return LayerPlan([s.name for s in found], classifier, width, {s.name: s for s in found})
 
 

@@ -48,6 +48,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f"  carried {c['from']} -> {c['to']}: link {c['link']:.2f}, flips "
                  f"{c['tail_flip']:.2f} of {c['residual']} unflipped tail images, "
                  f"collateral {c['collateral']:.3f}: {'kept' if c['kept'] else 'not kept'}")
+  if report.get("capped_k"):
+    lines.append(f"k = {report['config']['k']} starts capped at the width of "
+                 + ", ".join(f"{u} ({c})" for u, c in report["capped_k"].items()))
   cfg = report["config"]
   lines.append(f"tau {cfg['tau']}, confirm {cfg['confirm']} (tail z > {cfg['tail_z']}, "
                f"flip >= {cfg['min_tail_flip']}, collateral <= "
