@@ -77,8 +77,8 @@ class Confirmer:
     after = inference.predict(self.model, trial, images, self.batch, progress=False)
     return before != after[:len(rows)]
 
-  def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray
-             ) -> tuple[float, float, float]:
+  def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray,
+             changed_rows: np.ndarray | None = None) -> tuple[float, float, float]:
     """(share of images[rows] whose prediction the trial changes, the same share among
     the `side` images outside the tail: the collateral, and among those of them that the
     network puts in the tail's majority class: the class collateral); tail: mask over
@@ -86,7 +86,9 @@ class Confirmer:
     trigger's leaves the clean images of the target class where they were."""
     if not len(rows):
       return 0.0, 0.0, 0.0
-    flip = float(np.mean(self._changed(variables, trial, rows)))
+    if changed_rows is None:
+      changed_rows = self._changed(variables, trial, rows)
+    flip = float(np.mean(changed_rows))
     others = self.side[~tail[self.side]]
     if not len(others):
       return flip, 0.0, 0.0
@@ -110,9 +112,19 @@ class Confirmer:
   def check(self, variables: Any, trial: Any, tail: np.ndarray) -> dict[str, float]:
     """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
     the defense set. The trial predicts only the tail images and the non-tail ones among
-    `side`, not the whole confirmation set."""
+    `side`, not the whole confirmation set. Also recorded, for analysis (no decision reads
+    them): the share of the tail that the network puts in the tail's majority class, and
+    the flip among those images (a backdoor that acts on part of its poison can flip at
+    most that part)."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
-    flip, collateral, class_collateral = self._flips(variables, trial, tail, rows)
-    return {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
-            "collateral": collateral, "class_collateral": class_collateral}
+    changed = self._changed(variables, trial, rows) if len(rows) else None
+    flip, collateral, class_collateral = self._flips(variables, trial, tail, rows, changed)
+    out = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
+           "collateral": collateral, "class_collateral": class_collateral}
+    if len(rows):
+      base = self.base(variables)[rows]
+      major = base == np.bincount(base).argmax()
+      out["majority_share"] = float(np.mean(major))
+      out["majority_flip"] = float(np.mean(changed[major]))
+    return out
