@@ -192,10 +192,10 @@ def test_norms_pairs_a_batchnorm_only_with_the_layer_that_feeds_it():
   found = norms.find(model, v, x.shape[1:])
   assert found == [norms.Norm("bn1", 16, "stem", "stem"),
                    norms.Norm("bn2", 16, None, "conv1")]  # bn2 reads stem + conv1
-  _, report = clp.defend(model, v, x, progress=False)
+  _, report = clp.defend(model, v, x, config={"pairing": "direct"}, progress=False)
   assert report["skipped"] == ["bn2"] and set(report["pruned"]) == {"bn1"}
-  # the authors' rule instead: the conv called last before it
-  _, report = clp.defend(model, v, x, config={"pairing": "previous"}, progress=False)
+  # the authors' rule (the default): the conv called last before it
+  _, report = clp.defend(model, v, x, progress=False)
   assert report["paired"] == {"bn1": "stem", "bn2": "conv1"} and report["skipped"] == []
   with pytest.raises(DefenseError, match="no BatchNorm"):
     clp.defend(ConvReLU(), ConvReLU().init(jax.random.key(0), x[:2]), x, progress=False)

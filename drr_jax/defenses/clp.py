@@ -11,13 +11,14 @@ does the same).
 
 Which conv goes with which BatchNorm: the authors pair each BatchNorm with the conv
 defined last before it, which is right where a conv feeds its BatchNorm (their ResNet-18;
-their README asks to adapt the pairing to other architectures). With pairing='direct'
-(the default) a BatchNorm is paired with the layer whose output it reads directly, traced
-from the model (`norms.find`); a BatchNorm that reads a sum, a concatenation or an
-activation (the first BatchNorm of a pre-activation block, DenseNet's) has no such conv
-and is skipped, and the report lists it. With pairing='previous' such a BatchNorm takes
-the last layer with a kernel called before it, if its channels match, as the authors'
-rule does (and BackdoorBench with it, on its PreAct-ResNet-18). No data is used: `batch`
+their README asks to adapt the pairing to other architectures). The default,
+pairing='previous', is that rule, as BackdoorBench applies it to its PreAct-ResNet-18: a
+BatchNorm that reads a sum, a concatenation or an activation (the first BatchNorm of a
+pre-activation block, DenseNet's) takes the last layer with a kernel called before it,
+if its channels match, so that the comparison is with CLP as published. With
+pairing='direct' (ours) a BatchNorm is paired only with the layer whose output it reads
+directly, traced from the model (`norms.find`); one with no such conv is skipped, and
+the report lists it. No data is used: `batch`
 only gives the image shape to trace.
 """
 from __future__ import annotations
@@ -40,9 +41,9 @@ CIFAR_SHAPE = (32, 32, 3)  # the image shape traced when no batch is given
 SETTINGS = {
     "u": Setting(3.0, "Zheng et al. 2022a and the authors' code (test.py -u 3.0); "
                  "BackdoorBench config/defense/clp u: 3"),
-    "pairing": Setting("direct", "ours: a BatchNorm's conv is the one whose output it "
-                       "reads; 'previous': the last conv before it, the authors' rule "
-                       "(exact only where a conv feeds its BatchNorm)"),
+    "pairing": Setting("previous", "the authors' rule (defense.py CLP: the conv defined "
+                       "last before the BatchNorm) and BackdoorBench's; 'direct' (ours): "
+                       "only the conv whose output the BatchNorm reads"),
 }
 PAIRINGS = ("direct", "previous")
 
