@@ -11,7 +11,9 @@ from drr_jax import attacks, data
 
 
 class Datasets(NamedTuple):
-  train: attacks.PoisonedSet  # poisoned training set (95 % of CIFAR-10 train), as trained on
+  # poisoned training set (95 % of CIFAR-10 train), as trained on; for IAB, None unless a
+  # checkpoint's attack record was given (its poisoned samples exist only once trained)
+  train: attacks.PoisonedSet | None
   val: data.Split             # clean held-out 5 %
   test: data.Split | None     # clean test set (None when not asked for)
   # what `train.train` consumes: `train` itself, or for a per-batch attack (WaNet) the
@@ -24,10 +26,16 @@ class Datasets(NamedTuple):
 
 
 def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
-         cache_dir: str | os.PathLike | None = None, test: bool = True) -> Datasets:
+         cache_dir: str | os.PathLike | None = None, test: bool = True,
+         record: dict[str, Any] | None = None) -> Datasets:
   """Reads CIFAR-10, holds out validation, and poisons the rest as config['attack'] says:
   `train` is the set the model was trained on (a per-batch attack's: as its final epoch
   used it), `base` what `train.train` takes.
+
+  IAB's poisoned samples are made by networks trained with the model, so its `train` is
+  read from the trained checkpoint's attack `record` (`checkpoint.load_model`): the final
+  epoch's samples as training made them (`attacks.iab.trained_set`). Without a record it
+  is None, so that no clean set passes for the poisoned one; `base` is the clean set.
 
   With test=False the test zip is not read (e.g. while choosing settings on validation).
   """
@@ -48,6 +56,9 @@ def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
     adv_root = None if cache_dir is None else os.path.join(cache_dir, "adversary")
     perturb = lambda idx: adversary.perturbed(config, train, val, idx, cache_dir=adv_root)
   base = attacks.poison(train.images, train.labels, config["attack"], perturb=perturb)
+  if config["attack"].get("name") in attacks.GENERATED:
+    used = None if record is None else attacks.iab.trained_set(base, record)
+    return Datasets(used, val, test, base)
   if config["attack"].get("name") not in attacks.PER_BATCH:
     return Datasets(base, val, test)
   t = config["train"]

@@ -171,13 +171,15 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
                        progress=progress)
   if not reused:
     times["train_wall_seconds_this_run"] = time.time() - t0
-  ds = datasets.load(tcfg, data_dir, cache_dir)
   model, variables, meta, attack_rec = checkpoint.load_model(workdir)
+  # IAB's training set is the one its record holds (what the final epoch trained on)
+  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec)
   if not np.array_equal(checkpoint.poison_indices(attack_rec), ds.train.poison_idx):
     raise checkpoint.CheckpointError(
         f"{workdir}: its poison indices differ from the data loaded now (another data "
         "copy or attack code?); move the checkpoint away to retrain")
-  times["train_seconds"] = float(sum(h["seconds"] for h in meta["history"]))
+  times["train_seconds"] = float(sum(h["seconds"] for h in meta["history"]
+                                    + meta.get("mask_history", [])))  # IAB's mask phase
   acfg = tcfg["attack"]
   trigger = ds.train.trigger if acfg["name"] != "none" else None
   bs = int(tcfg["train"]["eval_batch_size"])

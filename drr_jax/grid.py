@@ -146,6 +146,8 @@ def cell_config(cell: Cell) -> dict[str, Any]:
   cfg = configs.get_config(cell.preset)
   cfg["model"] = {"name": cell.model, "width": float(cell.width)}
   cfg["attack"].update(name=cell.attack, poison_ratio=float(cell.poison_ratio))
+  from drr_jax.attacks import default_settings  # IAB's preset-dependent settings
+  cfg["attack"].update(default_settings(cell.attack, cell.preset))
   for key, value in cell.attack_args:
     if key not in cfg["attack"]:
       raise KeyError(f"cell {cell_id(cell)}: unknown attack setting {key!r}")

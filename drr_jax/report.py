@@ -25,10 +25,10 @@ CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slig
           "the PNG originals.")
 MODEL_ORDER = ("resnet18", "wrn28_1", "densenet121")
 MODEL_NAMES = {"resnet18": "ResNet-18", "wrn28_1": "WRN-28-1", "densenet121": "DenseNet-121"}
-ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "cla", "sig", "wanet", "none")
+ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "cla", "sig", "wanet", "iab", "none")
 ATTACK_NAMES = {"badnets": "BadNets (all-to-one)", "badnets_a2a": "BadNets (all-to-all)",
                 "blended": "Blended", "cla": "Clean-label (CLA)", "sig": "SIG",
-                "wanet": "WaNet", "none": "No attack"}
+                "wanet": "WaNet", "iab": "Input-aware (IAB)", "none": "No attack"}
 C_REFERENCE = 5.0  # the dashed line of fig_C_per_layer
 
 
@@ -296,6 +296,9 @@ def _attack_text(rec: dict[str, Any]) -> str:
   if name == "wanet":
     return (f"WaNet k {a.get('wanet_k', 4)} s {a.get('wanet_s', 0.5):g}, "
             f"target {a.get('target', 0)}, {ratio} per batch")
+  if name == "iab":
+    return (f"Input-aware (IAB), mask density {a.get('iab_mask_density', 0.032):g}, "
+            f"target {a.get('target', 0)}, {ratio} per batch (+ as many cross)")
   return f"{name}, {ratio}"
 
 

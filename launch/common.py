@@ -11,7 +11,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                  help="experiment preset (drr_jax/configs.py)")
   p.add_argument("--model", help="resnet18 | wrn28_1 | densenet121")
   p.add_argument("--width", type=float, help="ResNet-18 width multiplier")
-  p.add_argument("--attack", help=" | ".join(attacks.NAMES))
+  p.add_argument("--attack", choices=attacks.NAMES, metavar="ATTACK",
+                 help=" | ".join(attacks.NAMES) + " (docs/attacks.md)")
   p.add_argument("--poison_ratio", type=float,
                  help="share of the training set poisoned (default 0.1; "
                  + ", ".join(f"{k} {v}" for k, v in attacks.DEFAULT_RATIOS.items()) + ")")
@@ -30,6 +31,10 @@ def config_from_flags(args: argparse.Namespace) -> dict:
     value = getattr(args, flag)
     if value is not None:
       sets.insert(0, f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+  # An attack's own preset-dependent settings (IAB's) join the config once its name is
+  # known, before the overrides, so that --set attack.iab_...=... can change them.
+  named = configs.override(cfg, [s for s in sets if s.startswith("attack.name=")])
+  cfg["attack"].update(attacks.default_settings(named["attack"]["name"], args.preset))
   cfg = configs.override(cfg, sets)
   name = cfg["attack"]["name"]
   if name in attacks.DEFAULT_RATIOS and args.poison_ratio is None and not any(

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
   cfg = meta["config"]
-  ds = datasets.load(cfg, args.data_dir, test=not args.no_test)
+  ds = datasets.load(cfg, args.data_dir, test=not args.no_test, record=record)
   acfg = cfg["attack"]
   trigger = attacks.trigger_from_record(record)
   if acfg["name"] == "none":

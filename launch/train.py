@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from drr_jax import datasets, evaluate, train, utils
+from drr_jax import attacks, checkpoint, datasets, evaluate, train, utils
 from launch.common import add_config_flags, config_from_flags
 
 
@@ -33,18 +33,24 @@ def main(argv: list[str] | None = None) -> dict:
              "another --workdir")
   t0 = time.time()
   ds = datasets.load(config, args.data_dir)
-  print(f"data: {len(ds.train.labels)} train ({len(ds.train.poison_idx)} poisoned), "
+  poisoned = ("per batch, by its generator" if ds.train is None
+              else len(ds.train.poison_idx))
+  print(f"data: {len(ds.base.labels)} train ({poisoned} poisoned), "
         f"{len(ds.val.labels)} val, {len(ds.test.labels)} test; "
         f"devices {jax.devices()}", flush=True)
   state, meta = train.train(config, ds.base, ds.val, workdir, resume=args.resume)
   model = train.build_model(config)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  trigger = ds.train.trigger if config["attack"]["name"] != "none" else None
+  if config["attack"]["name"] in attacks.GENERATED:  # the trained networks' trigger
+    trigger = attacks.trigger_from_record(checkpoint.load_model(workdir)[3])
+  else:
+    trigger = ds.train.trigger if config["attack"]["name"] != "none" else None
   metrics = evaluate.evaluate(model, variables, ds.test, trigger, config["attack"],
                               config["train"]["eval_batch_size"])
   hist = meta["history"]
   result = {"workdir": workdir, "config": config, "test": metrics,
-            "train_seconds": sum(h["seconds"] for h in hist),
+            "train_seconds": sum(h["seconds"]  # with IAB's mask pre-training
+                                 for h in hist + meta.get("mask_history", [])),
             "images_per_second": sum(h["images_per_second"] for h in hist) / len(hist),
             "wall_seconds_this_invocation": time.time() - t0,
             "machine": utils.machine_description()}

@@ -1,6 +1,7 @@
 """Poisoning attacks as pure functions of (images, labels, seed, config).
 
-config keys: name ('badnets', 'badnets_a2a', 'blended', 'sig', 'none'), poison_ratio
+config keys: name ('badnets', 'badnets_a2a', 'blended', 'sig', 'cla', 'wanet', 'iab',
+'none'), poison_ratio
 (0.1), target (0, all-to-one), label_mode ('all2one' / 'all2all', set by the name),
 clean_label (set by the name: SIG, CLA), alpha (Blended, 0.2), patch_size (BadNets, 3), seed
 (the trigger's and the choice's); each attack's module lists its own keys.
@@ -11,14 +12,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from drr_jax.attacks import badnets, blended, cla, sig, wanet
+from drr_jax.attacks import badnets, blended, cla, iab, sig, wanet
 from drr_jax.attacks.core import (PoisonedSet, Trigger, apply_trigger, choose_poison,
                                   poison_with, target_labels, trigger_from_record)
-from drr_jax.attacks.schedule import PER_BATCH, train_batches, trained_set
+from drr_jax.attacks.schedule import GENERATED, PER_BATCH, train_batches, trained_set
 
 _MAKERS = {"badnets": badnets.make_trigger, "badnets_a2a": badnets.make_trigger,
            "blended": blended.make_trigger, "sig": sig.make_trigger,
-           "wanet": wanet.make_trigger, "cla": cla.make_trigger}
+           "wanet": wanet.make_trigger, "cla": cla.make_trigger, "iab": iab.make_trigger}
 NAMES = ("none",) + tuple(_MAKERS)
 CLEAN_LABEL = ("sig", "cla")
 # Attacks whose poisoned images come from the attacker's own model (`drr_jax.adversary`).
@@ -26,6 +27,13 @@ NEEDS_ADVERSARY = ("cla",)
 # Poison ratios (shares of the whole training set) where an attack's own default differs
 # from the config's 10 %: a clean-label attack can poison at most its target class.
 DEFAULT_RATIOS = {"sig": 0.08, "cla": 0.08}
+
+
+def default_settings(name: str, preset: str) -> dict[str, Any]:
+  """Settings an attack adds to a config once its name is known, where they depend on
+  the preset (IAB's schedule and network width): `grid.cell_config` and the launchers put
+  them in, so that a checkpoint's config names them and `--set` can change them."""
+  return iab.defaults(preset) if name == "iab" else {}
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +58,9 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any], *,
            perturb: Callable[[np.ndarray], np.ndarray] | None = None) -> PoisonedSet:
   """The training set an attacker hands over: triggered copies relabelled in place. For
   a per-batch attack (WaNet), the clean set with its trigger: training poisons each batch
-  (`schedule.train_batches`), and `schedule.trained_set` rebuilds what it used."""
+  (`schedule.train_batches`), and `schedule.trained_set` rebuilds what it used. For IAB,
+  the clean set: its training poisons each batch with its generator and records what it
+  used in the checkpoint (`iab.trained_set`)."""
   config = resolve(config)
   trigger = make_trigger(config, images.shape[1:])
   if trigger is not None and config["name"] in NEEDS_ADVERSARY:
@@ -64,7 +74,7 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any], *,
     if len(idx):
       out[idx] = apply_trigger(perturb(idx), trigger)
     return PoisonedSet(out, np.asarray(labels, np.int32), idx, trigger)
-  if trigger is not None and config["name"] in PER_BATCH:
+  if trigger is not None and config["name"] in PER_BATCH + GENERATED:
     return PoisonedSet(np.asarray(images), np.asarray(labels, np.int32),
                        np.zeros((0,), np.int64), trigger)
   if trigger is None:
@@ -76,6 +86,7 @@ def poison(images: np.ndarray, labels: np.ndarray, config: dict[str, Any], *,
   return poison_with(images, labels, trigger, int(config.get("seed", 0)) + 1, config)
 
 
-__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "NAMES", "NEEDS_ADVERSARY", "PER_BATCH", "PoisonedSet", "Trigger",
-           "apply_trigger", "choose_poison", "make_trigger", "poison", "resolve",
+__all__ = ["CLEAN_LABEL", "DEFAULT_RATIOS", "GENERATED", "NAMES", "NEEDS_ADVERSARY",
+           "PER_BATCH", "PoisonedSet", "Trigger", "apply_trigger", "choose_poison",
+           "default_settings", "iab", "make_trigger", "poison", "resolve",
            "target_labels", "train_batches", "trained_set", "trigger_from_record"]

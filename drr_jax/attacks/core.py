@@ -3,7 +3,8 @@
 A trigger is stamped as  x' = clip(round((1 - mask) * w(x) + mask * pattern + offset))  in
 pixel space (uint8 in, uint8 out), where w warps the image along a sampling grid (or is
 the identity): patch triggers (mask 0/1), blends (mask = alpha), additive signals (mask 0,
-an offset: SIG) and warps (mask 0, a grid: WaNet).
+an offset: SIG) and warps (mask 0, a grid: WaNet). A trigger computed from the input by
+trained networks (IAB) is a function of the images instead (`Trigger.fn`).
 
 Dirty-label attacks relabel the poisoned samples (all-to-one or all-to-all); clean-label
 attacks (config `clean_label`, set by the attack's name) poison samples of the target
@@ -11,7 +12,7 @@ class only and keep every label.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -23,6 +24,9 @@ class Trigger(NamedTuple):
   mask: np.ndarray     # (H, W, C) float32 in [0, 1]
   offset: np.ndarray | None = None  # (H, W, C) float32 added after the blend, or None
   grid: np.ndarray | None = None    # (H, W, 2) float32 sampling grid in [-1, 1], or None
+  # uint8 images (N, H, W, C) -> their triggered uint8 copies, for a trigger that depends on
+  # the input (IAB's generated pattern and mask); pattern and mask are then unused zeros
+  fn: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 class PoisonedSet(NamedTuple):
@@ -38,6 +42,8 @@ def apply_trigger(images: np.ndarray, trigger: Trigger) -> np.ndarray:
   if images.ndim != 4 or images.shape[1:] != trigger.pattern.shape:
     raise ValueError(f"images of shape {images.shape} do not fit a trigger of shape "
                      f"{trigger.pattern.shape}")
+  if trigger.fn is not None:
+    return np.asarray(trigger.fn(images), np.uint8)
   base = images if trigger.grid is None else warp_images(images, trigger.grid)
   out = (1.0 - trigger.mask) * base + trigger.mask * trigger.pattern
   if trigger.offset is not None:
@@ -65,7 +71,11 @@ def warp_images(images: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def trigger_from_record(record: dict[str, Any]) -> Trigger:
-  """The trigger a checkpoint's attack record holds (`train.attack_record`)."""
+  """The trigger a checkpoint's attack record holds (`train.attack_record`; IAB's record
+  holds its generator and mask networks, `attacks.iab.record`)."""
+  if "iab_generator" in record:
+    from drr_jax.attacks import iab  # its networks need flax; iab itself imports this module
+    return iab.trigger_from_record(record)
   opt = {k: None if record.get(k) is None else np.asarray(record[k], np.float32)
          for k in ("offset", "grid")}
   return Trigger(np.asarray(record["pattern"]), np.asarray(record["mask"]), **opt)
