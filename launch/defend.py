@@ -1,10 +1,24 @@
-"""Defend a checkpoint (DRR, or a baseline); report ACC/ASR before/after.
+"""Defend a model (DRR, or a baseline); report ACC/ASR before/after.
 
+A run of this project:
   python -m launch.defend --checkpoint artifacts/wrn28_1-badnets-cpu \
       --data_dir ../shared/data --out runs/wrn28_1-badnets-drr [--method clp]
 The defended model is written (atomically) as a new checkpoint under --out. DRR, CLP, EP
 and RR-EP use the poisoned training set (CLP only its shape); FP, ANP and RR-FP also get
 the clean validation split (5 % of the training set, never the test set).
+
+Your own Flax model, variables and (poisoned) images, no retraining (drr_jax/assets.py):
+  python -m launch.defend --model my_pkg.nets:Net --model_args '{"num_classes": 10}' \
+      --variables net.msgpack --images train_folder/ --out net-drr.msgpack \
+      [--clean_eval clean_val/ --triggered_eval triggered/ --target 0]
+--variables: an orbax folder or a flax msgpack file, written back in the same form;
+--images: a folder of PNG/JPEG (ImageFolder or flat), a .npz, or tfds:name/split.
+
+A BackdoorBench attack_result.pt (drr_jax/interop/torch.py), written back as one:
+  python -m launch.defend --torch_checkpoint record/<attack>/attack_result.pt \
+      [--images clean_train.npz | --data_dir ../shared/data] [--out defended.pt]
+The defender's images are the record's poisoned samples plus clean training images
+(--images, else drr_jax's CIFAR-10 training set), as `interop.torch.defender_images`.
 """
 from __future__ import annotations
 
@@ -15,7 +29,7 @@ import time
 
 import numpy as np
 
-from drr_jax import attacks, checkpoint, configs, datasets, evaluate, utils
+from drr_jax import assets, attacks, checkpoint, configs, datasets, evaluate, utils
 from drr_jax.defenses import METHODS, DefenseError, get_defense
 
 PRESETS = ("drr", "paper")  # --preset, kept as an alias of --method for these two
@@ -28,7 +42,31 @@ def _metrics(model, variables, split, trigger, acfg, progress=True):
 
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a run folder written by launch.train")
+  src = p.add_argument_group("what to defend (one of)")
+  src.add_argument("--checkpoint", help="a run folder written by launch.train")
+  src.add_argument("--model", help="your Flax module: 'my_pkg.nets:Net' or "
+                   "'path/nets.py:Net' (with --variables and --images)")
+  src.add_argument("--torch_checkpoint", help="a BackdoorBench attack_result.pt")
+  own = p.add_argument_group("your own assets (--model, --torch_checkpoint)")
+  own.add_argument("--model_args", help="JSON keyword arguments of --model")
+  own.add_argument("--variables", help="orbax folder or flax .msgpack file of --model")
+  own.add_argument("--images", help="the defense's images: PNG/JPEG folder, .npz or "
+                   "tfds:name/split (--torch_checkpoint: the clean training images; "
+                   "default drr_jax's CIFAR-10 training set)")
+  own.add_argument("--clean_data", help="labelled clean images (folder or .npz) for the "
+                   "methods that need clean data (fp, anp, rr-fp)")
+  own.add_argument("--clean_eval", help="labelled clean images (folder or .npz): ACC")
+  own.add_argument("--triggered_eval", help="triggered images (folder or .npz): ASR, "
+                   "with --target")
+  own.add_argument("--target", type=int, help="the attack's target class, for ASR")
+  own.add_argument("--aligned", action="store_true", help="--torch_checkpoint: --images "
+                   "is the clean training split in BackdoorBench's order")
+  own.add_argument("--max_images", type=int, help="--torch_checkpoint: a random subset "
+                   "of the defender's images of this size")
+  own.add_argument("--normalization", help="--torch_checkpoint: the model's input "
+                   "normalization (default BackdoorBench's CIFAR-10)")
+  own.add_argument("--trusted", action="store_true", help="--torch_checkpoint: unpickle "
+                   "anything (runs the file's code; only for files you trust)")
   p.add_argument("--data_dir", help="CIFAR-10 zips folder (default: $DRR_DATA_DIR)")
   p.add_argument("--out", help="folder for the defended checkpoint (must not exist)")
   p.add_argument("--method", choices=METHODS,
@@ -44,7 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
   if args.method and args.preset and args.method != args.preset:
     sys.exit(f"error: --method {args.method} and --preset {args.preset} disagree")
   method = args.method or args.preset or "drr"
+  sources = [f for f in ("checkpoint", "model", "torch_checkpoint") if getattr(args, f)]
+  if len(sources) != 1:
+    sys.exit("error: give one of --checkpoint, --model (with --variables and --images) "
+             "or --torch_checkpoint" + (f", not {len(sources)}" if sources else ""))
   defense = get_defense(method)
+  if not args.checkpoint:
+    try:
+      drr_cfg = configs.override(defense.default_config(), args.set)
+      defense.check(drr_cfg)
+    except (KeyError, ValueError) as e:
+      sys.exit(f"error: {e}")
+    return _defend_assets(args, method, defense, drr_cfg)
   out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.checkpoint))
                                  + f"-{method}")
   if os.path.exists(out):
@@ -103,6 +152,148 @@ def main(argv: list[str] | None = None) -> dict:
   utils.write_json_atomic(os.path.join(out, "result.json"), result)
   print(f"defended checkpoint written to {out}")
   return result
+
+
+# ------------------------------------------------------------------ your own assets
+
+def _eval_sets(args, shape) -> dict:
+  """The evaluation images, checked (labels, target, shape) before any work."""
+  sets = {}
+  if args.clean_eval:
+    clean = assets.load_images(args.clean_eval, "--clean_eval")
+    if clean.labels is None:
+      raise assets.AssetError(f"--clean_eval {args.clean_eval}: has no labels (use an "
+                              "ImageFolder layout or a .npz with 'labels')")
+    sets["acc"] = clean
+  if args.triggered_eval:
+    if args.target is None:
+      raise assets.AssetError("--triggered_eval needs --target (the attack's target "
+                              "class)")
+    trig = assets.load_images(args.triggered_eval, "--triggered_eval")
+    if trig.labels is not None and not (trig.labels != args.target).any():
+      raise assets.AssetError(f"--triggered_eval {args.triggered_eval}: every image is "
+                              f"labelled {args.target}, the target; ASR counts the others")
+    sets["asr"] = trig
+  elif args.target is not None:
+    raise assets.AssetError("--target is for --triggered_eval, which is not given")
+  for key, data in sets.items():
+    if data.images.shape[1:] != tuple(shape):
+      flag = "--clean_eval" if key == "acc" else "--triggered_eval"
+      raise assets.AssetError(f"{flag} {data.source}: images of shape "
+                              f"{data.images.shape[1:]}, the defense's are {tuple(shape)}")
+  return sets
+
+
+def _measure(model, variables, sets: dict, target) -> dict:
+  out = {}
+  if "acc" in sets:
+    d = sets["acc"]
+    out["acc"] = float(np.mean(evaluate.predict(model, variables, d.images, progress=False)
+                               == d.labels))
+  if "asr" in sets:
+    d = sets["asr"]
+    keep = (d.labels != target) if d.labels is not None else np.ones(len(d.images), bool)
+    preds = evaluate.predict(model, variables, d.images[keep], progress=False)
+    out["asr"] = float(np.mean(preds == target))
+  return out
+
+
+def _table(before: dict, after: dict) -> str:
+  lines = [f"{'':8s}{'before':>9s}{'after':>9s}"]
+  for key in ("acc", "asr"):
+    if key in before:
+      lines.append(f"{key.upper() + ' (%)':8s}{100 * before[key]:9.2f}"
+                   f"{100 * after[key]:9.2f}")
+  return "\n".join(lines)
+
+
+def _load_torch(args, method):
+  """(model, variables, defender images, writer) of a BackdoorBench attack_result.pt."""
+  from drr_jax.interop import torch as interop
+  try:
+    result = interop.load_attack_result(args.torch_checkpoint,
+                                        normalization=args.normalization,
+                                        trusted=args.trusted)
+  except ImportError as e:
+    raise assets.AssetError(f"--torch_checkpoint: {e}") from e
+  except (interop.AttackResultError, ValueError, OSError) as e:
+    raise assets.AssetError(f"--torch_checkpoint {args.torch_checkpoint}: {e}") from e
+  if args.images:
+    clean = assets.load_images(args.images, "--images").images
+  else:
+    from drr_jax import data
+    try:
+      clean = data.load_split("train", args.data_dir).images
+    except Exception as e:  # noqa: BLE001 - DataError, a missing zip, ...
+      raise assets.AssetError(f"--torch_checkpoint needs clean training images: give "
+                              f"--images, or --data_dir with CIFAR-10 ({e})") from e
+  try:
+    images = interop.defender_images(result, clean, aligned=args.aligned,
+                                     max_images=args.max_images)
+  except ValueError as e:
+    raise assets.AssetError(f"--images: {e}") from e
+  out = args.out or os.path.join(os.path.dirname(args.torch_checkpoint),
+                                 f"attack_result-{method}.pt")
+
+  def write(variables):
+    return interop.save_attack_result_model(args.torch_checkpoint, out, variables,
+                                            trusted=args.trusted)
+  return result.model, result.variables, images, out, write, {
+      "layout": result.info["layout"], "normalization": result.info["normalization"]}
+
+
+def _load_own(args, method):
+  """(model, variables, images, out, writer) of --model/--variables/--images."""
+  missing = [f"--{f}" for f in ("variables", "images") if not getattr(args, f)]
+  if missing:
+    raise assets.AssetError(f"--model needs {' and '.join(missing)}")
+  model = assets.load_model_spec(args.model, args.model_args)
+  images = assets.load_images(args.images, "--images").images
+  loaded = assets.load_variables(args.variables, model, images.shape[1:])
+  src = os.path.normpath(args.variables)
+  if loaded.format == "msgpack":
+    stem, ext = os.path.splitext(src)
+    out = args.out or f"{stem}-{method}{ext or '.msgpack'}"
+  else:
+    out = args.out or f"{src}-{method}"
+  return model, loaded.variables, images, out, (
+      lambda v: assets.save_variables(v, loaded, out)), {"format": loaded.format}
+
+
+def _defend_assets(args, method, defense, cfg) -> dict:
+  from drr_jax.defenses.drr.inputs import check_fit
+  try:
+    if args.out:
+      assets.check_output(args.out)
+    loader = _load_torch if args.torch_checkpoint else _load_own
+    model, variables, images, out, write, info = loader(args, method)
+    assets.check_output(out)
+    check_fit(model, variables, images.shape[1:])
+    sets = _eval_sets(args, images.shape[1:])
+    clean = None
+    if defense.needs_clean:
+      if not args.clean_data:
+        raise assets.AssetError(f"{method} needs clean labelled images: give --clean_data")
+      c = assets.load_images(args.clean_data, "--clean_data")
+      if c.labels is None:
+        raise assets.AssetError(f"--clean_data {args.clean_data}: has no labels")
+      clean = (c.images, c.labels)
+  except (assets.AssetError, DefenseError) as e:
+    sys.exit(f"error: {e}")
+  print(f"{method}: {len(images)} images of shape {images.shape[1:]}")
+  before = _measure(model, variables, sets, args.target)
+  try:
+    defended, report = defense.defend(model, variables, images, config=cfg, clean=clean)
+  except DefenseError as e:
+    sys.exit(f"error: {e}")
+  after = _measure(model, defended, sets, args.target)
+  print(defense.format_report(report))
+  if before:
+    print(_table(before, after))
+  write(defended)
+  print(f"defended variables written to {out}")
+  return {"method": method, "source": args.torch_checkpoint or args.variables,
+          "out": str(out), "report": report, "before": before, "after": after, **info}
 
 
 if __name__ == "__main__":
