@@ -153,6 +153,15 @@ def load_variables(path: str | os.PathLike, model: nn.Module,
     run = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     if any(c.name.isdigit() and (c / "model").is_dir() for c in run.iterdir()):
       from drr_jax import checkpoint
+      try:  # shapes first: orbax reading a mismatched array leaves coroutines behind
+        mngr = checkpoint.manager(run, create=False)
+        step = mngr.latest_step()
+        saved = None if step is None else mngr.item_metadata(step)["model"]
+      except Exception as e:  # noqa: BLE001
+        raise AssetError(f"--variables {path}: cannot read its checkpoint metadata: "
+                         f"{type(e).__name__}: {str(e)[:300]}") from e
+      if saved is not None:
+        _fits(_plain(saved), template, f"--variables {path}")
       try:
         out = checkpoint.restore(run, {"model": template})["model"]
       except checkpoint.CheckpointError as e:

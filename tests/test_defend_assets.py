@@ -110,7 +110,7 @@ def test_msgpack_in_msgpack_out_with_an_npz_and_a_module_path(tiny, tmp_path,
   assert set(back2) == set(tiny["variables"]["params"])
 
 
-def test_torch_checkpoint_is_defended_and_written_back(tmp_path):
+def test_torch_checkpoint_is_defended_and_written_back(tmp_path, monkeypatch):
   import sys
   sys.path.insert(0, str(HERE))
   try:
@@ -133,6 +133,12 @@ def test_torch_checkpoint_is_defended_and_written_back(tmp_path):
   assert list(written) == list(record) and list(written["model"]) == list(record["model"])
   assert any(not t.torch.equal(written["model"][k], record["model"][k])
              for k in record["model"])
+  # without --images the clean images are drr_jax's CIFAR-10, which must be found
+  monkeypatch.delenv("DRR_DATA_DIR", raising=False)
+  with pytest.raises(SystemExit, match="needs clean training images: give --images"):
+    launch_defend.main(["--torch_checkpoint", str(path), "--out", str(tmp_path / "o.pt"),
+                        "--data_dir", str(tmp_path / "no-data"), *FAST])
+  assert not (tmp_path / "o.pt").exists()
 
 
 def _bad_cases(tiny, tmp_path):
@@ -224,3 +230,28 @@ def test_tfds_load_failure_says_it_needs_to_download(monkeypatch):
   fake.load = lambda name, split, **kw: (np.zeros((3, 8, 8, 1), np.uint8), np.arange(3))
   got = assets.load_images("tfds:mnist/test")
   assert got.images.shape == (3, 8, 8, 3) and list(got.labels) == [0, 1, 2]
+
+
+
+def test_orbax_forms_round_trip_and_mismatches_are_named(tiny, tmp_path):
+  """The params alone (StandardCheckpointer) and a drr_jax run folder, read and written
+  back in the same form; a model they do not fit is named with the offending shape."""
+  from drr_jax import checkpoint
+  model, v = tiny["model"], tiny["variables"]
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save((tmp_path / "p").absolute(), v["params"])
+  ckptr.wait_until_finished()
+  checkpoint.save(checkpoint.manager(tmp_path / "run" / "checkpoints"), 3, {"model": v})
+  for src, fmt, params_only in [("p", "orbax", True), ("run", "orbax-run", False)]:
+    got = assets.load_variables(tmp_path / src, model, (16, 16, 3))
+    assert (got.format, got.params_only) == (fmt, params_only)
+    assert not _changed(got.variables, v)
+    assets.save_variables(got.variables, got, tmp_path / f"{src}-out")
+    back = assets.load_variables(tmp_path / f"{src}-out", model, (16, 16, 3))
+    assert (back.format, back.params_only) == (fmt, params_only)
+    assert not _changed(back.variables, v)
+    with pytest.raises(assets.AssetError, match="shape"):
+      assets.load_variables(tmp_path / src, type(model)(num_classes=5), (16, 16, 3))
+  with pytest.raises(assets.AssetError, match="already exists"):
+    assets.save_variables(v, got, tmp_path / "p")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p-out", "run", "run-out"]
