@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
   own.add_argument("--trusted", action="store_true", help="--torch_checkpoint: unpickle "
                    "anything (runs the file's code; only for files you trust)")
   p.add_argument("--data_dir", help="CIFAR-10 zips folder (default: $DRR_DATA_DIR)")
-  p.add_argument("--out", help="folder for the defended checkpoint (must not exist)")
+  p.add_argument("--out", help="where the defended model goes (must not exist): a "
+                 "checkpoint folder; with --variables the same form as it (default "
+                 "beside it, '-<method>' added); with --torch_checkpoint a .pt")
   p.add_argument("--method", choices=METHODS,
                  help="drr (default): the project's DRR; paper: Algorithm 1 as written; "
                  "fp, anp, clp, ep: the baselines; rr-fp, rr-ep: this project's "
