@@ -1,5 +1,11 @@
 """Defend a model (DRR, or a baseline); report ACC/ASR before/after.
 
+With no arguments: DRR on the committed backdoored checkpoint
+(artifacts/wrn28_1-badnets-cpu, WRN-28-1 with a BadNets backdoor) and the CIFAR-10 zips in
+$DRR_DATA_DIR; the defended checkpoint, result.json and defense.png (the per-layer
+criterion and a few triggered images with their predictions before/after) go to
+runs/wrn28_1-badnets-cpu-drr (-2, -3, ... added if that folder exists).
+
 A run of this project:
   python -m launch.defend --checkpoint artifacts/wrn28_1-badnets-cpu \
       --data_dir ../shared/data --out runs/wrn28_1-badnets-drr [--method clp]
@@ -33,6 +39,47 @@ from drr_jax import assets, attacks, checkpoint, configs, datasets, evaluate, ut
 from drr_jax.defenses import METHODS, DefenseError, get_defense
 
 PRESETS = ("drr", "paper")  # --preset, kept as an alias of --method for these two
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "artifacts", "wrn28_1-badnets-cpu")
+FIGURE_IMAGES = 6  # triggered validation images in defense.png
+
+
+def _free_out(base: str) -> str:
+  """`base`, or `base-2`, `base-3`, ... : the first that does not exist."""
+  out, i = base, 1
+  while os.path.exists(out):
+    i += 1
+    out = f"{base}-{i}"
+  return out
+
+
+def _split_table(before: dict, after: dict) -> str:
+  """ACC/ASR before -> after per split, as a small table (percent)."""
+  lines = [f"{'split':6s}{'ACC before':>11s}{'ACC after':>10s}{'ASR before':>11s}"
+           f"{'ASR after':>10s}"]
+  for split in after:
+    b, a = before[split], after[split]
+    lines.append(f"{split:6s}{100 * b['acc']:11.2f}{100 * a['acc']:10.2f}"
+                 f"{100 * b['asr']:11.2f}{100 * a['asr']:10.2f}")
+  return "\n".join(lines)
+
+
+def _figure(path, model, variables, defended, report, split, trigger, acfg, title):
+  """defense.png: the per-layer criterion and a few triggered validation images."""
+  from drr_jax import data, plots
+  images = before = after = None
+  target = None
+  if trigger is not None:
+    targets = attacks.target_labels(split.labels, attacks.resolve(acfg))
+    idx = np.flatnonzero(targets != split.labels)[:FIGURE_IMAGES]
+    images = attacks.apply_trigger(split.images[idx], trigger)
+    before = evaluate.predict(model, variables, images, progress=False)
+    after = evaluate.predict(model, defended, images, progress=False)
+    if acfg.get("label_mode", "all2one") == "all2one":
+      target = int(targets[0])
+  # a project checkpoint is always CIFAR-10 (datasets.load)
+  return plots.defense_figure(path, report, images, before, after, data.CLASSES, target,
+                              title)
 
 
 def _metrics(model, variables, split, trigger, acfg, progress=True):
@@ -43,7 +90,10 @@ def _metrics(model, variables, split, trigger, acfg, progress=True):
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   src = p.add_argument_group("what to defend (one of)")
-  src.add_argument("--checkpoint", help="a run folder written by launch.train")
+  src.add_argument("--checkpoint", help="a run folder written by launch.train (default, "
+                   "when no source is given: the committed backdoored checkpoint "
+                   "artifacts/wrn28_1-badnets-cpu of this repository, wherever you run "
+                   "from)")
   src.add_argument("--model", help="your Flax module: 'my_pkg.nets:Net' or "
                    "'path/nets.py:Net' (with --variables and --images)")
   src.add_argument("--torch_checkpoint", help="a BackdoorBench attack_result.pt")
@@ -69,8 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "anything (runs the file's code; only for files you trust)")
   p.add_argument("--data_dir", help="CIFAR-10 zips folder (default: $DRR_DATA_DIR)")
   p.add_argument("--out", help="where the defended model goes (must not exist): a "
-                 "checkpoint folder; with --variables the same form as it (default "
-                 "beside it, '-<method>' added); with --torch_checkpoint a .pt")
+                 "checkpoint folder (default runs/<checkpoint name>-<method>, with -2, "
+                 "-3, ... added if that exists); with --variables the same form as it "
+                 "(default beside it, '-<method>' added); with --torch_checkpoint a .pt")
   p.add_argument("--method", choices=METHODS,
                  help="drr (default): the project's DRR; paper: Algorithm 1 as written; "
                  "fp, anp, clp, ep: the baselines; rr-fp, rr-ep: this project's "
@@ -85,6 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     sys.exit(f"error: --method {args.method} and --preset {args.preset} disagree")
   method = args.method or args.preset or "drr"
   sources = [f for f in ("checkpoint", "model", "torch_checkpoint") if getattr(args, f)]
+  if not sources:
+    args.checkpoint = DEFAULT_CHECKPOINT
+    print(f"no model given: defending the committed backdoored checkpoint "
+          f"{os.path.relpath(DEFAULT_CHECKPOINT)}")
+    sources = ["checkpoint"]
   if len(sources) != 1:
     sys.exit("error: give one of --checkpoint, --model (with --variables and --images) "
              "or --torch_checkpoint" + (f", not {len(sources)}" if sources else ""))
@@ -96,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (KeyError, ValueError) as e:
       sys.exit(f"error: {e}")
     return _defend_assets(args, method, defense, drr_cfg)
-  out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.checkpoint))
-                                 + f"-{method}")
+  out = args.out or _free_out(os.path.join(
+      "runs", os.path.basename(os.path.normpath(args.checkpoint)) + f"-{method}"))
   if os.path.exists(out):
     sys.exit(f"error: {out} already exists; choose another --out")
   try:
@@ -137,10 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
   if not args.no_test:
     after["test"] = _metrics(model, defended, ds.test, trigger, acfg)
   print(defense.format_report(report))
-  for split in after:
-    b, a = before[split], after[split]
-    print(f"{split:5s} ACC {100 * b['acc']:.2f} -> {100 * a['acc']:.2f} %   "
-          f"ASR {100 * b['asr']:.2f} -> {100 * a['asr']:.2f} %")
+  print(_split_table(before, after))
   print(f"{method} {report['seconds']:.1f} s; one plain inference pass over the "
         f"{len(ds.train.labels)} training images {plain_seconds:.1f} s")
   result = {"checkpoint": args.checkpoint, "method": method,
@@ -153,6 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
                             "meta": {**meta, "defense": result}})
   utils.write_json_atomic(os.path.join(out, "result.json"), result)
   print(f"defended checkpoint written to {out}")
+  name = os.path.basename(os.path.normpath(args.checkpoint))
+  try:
+    fig = _figure(os.path.join(out, "defense.png"), model, variables, defended, report,
+                  ds.val, trigger, acfg, f"{method} on {name}")
+    print(f"figure written to {fig}")
+  except (ValueError, ImportError) as e:
+    print(f"no figure: {e}")
   return result
 
 

@@ -74,10 +74,10 @@ class DRRConfig:
   # projected only if removing it changes the prediction of most images in its skewed
   # tail (z > tail_z) -- the signature of a sub-population whose label the direction
   # decides. Measured on `confirm_samples` images of the defense set.
-  confirm: bool = True
-  confirm_samples: int = 5000
-  tail_z: float = 2.0
-  min_tail_flip: float = 0.6
+  confirm: bool = True         # confirm candidates (False: keep every candidate)
+  confirm_samples: int = 5000  # images of the defense set the confirmation uses
+  tail_z: float = 2.0          # a direction's tail: images with z-score above this
+  min_tail_flip: float = 0.6   # share of the tail whose prediction the removal must change
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
@@ -97,8 +97,8 @@ class DRRConfig:
   # very same tensor (e.g. a 1x1 shortcut conv beside a block's first conv) are tried
   # first, even if the model calls them earlier.
   carry: bool = True
-  carry_link: float = 0.3
-  seed: int = 0
+  carry_link: float = 0.3  # the least channel link (above) for carrying a direction
+  seed: int = 0            # random seed of the confirmation's image sample
 
   def __post_init__(self) -> None:
     _validate(self)
@@ -236,3 +236,44 @@ def _validate(cfg: DRRConfig) -> None:
   if cfg.layers is not None and (not isinstance(cfg.layers, (list, tuple)) or not all(
       isinstance(name, str) for name in cfg.layers)):
     raise DefenseError(f"layers must be None or a list of layer names, got {cfg.layers!r}")
+
+
+def field_help() -> dict[str, str]:
+  """{setting: its help text}: the comments of `DRRConfig`'s source, read once -- a
+  field's own comment (on its line and the indented comment lines under it), then the
+  block comment above it where there is one (e.g. the confirmation settings')."""
+  import inspect
+  import re
+  lines = inspect.getsource(DRRConfig).splitlines()
+  helps: dict[str, list[str]] = {}
+  pending: list[str] = []
+  current = None
+  field_re = re.compile(r"^  (\w+): [^#=]+=[^#]*?(?:#\s?(.*))?$")
+  for line in lines:
+    m = field_re.match(line)
+    if m and m.group(1) in FIELDS:
+      current = m.group(1)
+      helps[current] = ([m.group(2).strip()] if m.group(2) else []) + pending
+      pending = []
+    elif line.strip().startswith("#"):
+      text = line.strip()[1:].strip()
+      if current is not None and len(line) - len(line.lstrip()) > 2:
+        helps[current].append(text)  # the continuation of a field's comment
+      else:
+        current = None
+        pending.append(text)
+    elif line.strip().startswith("def "):
+      break
+  return {k: " ".join(v).replace("... ", "") for k, v in helps.items()}
+
+
+def settings_markdown() -> str:
+  """DRR's settings as a markdown table (setting, default, what it does), generated from
+  `DRRConfig` so that the README's copy cannot drift (tests/test_readme.py)."""
+  defaults = DRRConfig().to_dict()
+  helps = field_help()
+  rows = ["| setting | default | what it does |", "|---|---|---|"]
+  for name in FIELDS:
+    text = helps.get(name, "").replace("|", "\\|")
+    rows.append(f"| `{name}` | `{defaults[name]!r}` | {text} |")
+  return "\n".join(rows) + "\n"

@@ -1,0 +1,89 @@
+"""The defense figure that `launch.defend` writes (`defense.png`).
+
+Top: DRR's criterion (the skewness of the best direction) per layer, the layers where a
+direction was kept marked. Bottom: a few triggered images with the model's predictions
+before and after the defense. Matplotlib with the Agg backend (no display needed); the
+file is written atomically (a temporary file in the same folder, then `os.replace`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _name(classes: Sequence[str] | None, c: int) -> str:
+  return classes[c] if classes is not None and 0 <= c < len(classes) else str(c)
+
+
+def defense_figure(path: str, report: dict[str, Any] | None, images: np.ndarray | None,
+                   before: np.ndarray | None, after: np.ndarray | None,
+                   classes: Sequence[str] | None = None, target: int | None = None,
+                   title: str = "") -> str:
+  """Write the figure to `path` (PNG) and return the path.
+
+  report: DRR's report (`report["layers"][i]["criterion"][0]`, `["kept"]`); None or a
+  report without layers (a baseline) leaves the criterion panel out. images: (n, H, W, C)
+  uint8 triggered images, `before`/`after` the predicted classes (n,); None leaves the
+  image row out."""
+  import matplotlib
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  layers = list((report or {}).get("layers") or [])
+  layers = [e for e in layers if e.get("criterion")]
+  n_img = 0 if images is None else len(images)
+  rows = (1 if layers else 0) + (1 if n_img else 0)
+  if rows == 0:
+    raise ValueError("nothing to plot: no per-layer criterion and no images")
+  cols = max(n_img, 1)
+  fig = plt.figure(figsize=(max(8.0, 1.6 * cols), 3.4 * rows), dpi=100)
+  grid = fig.add_gridspec(rows, cols, height_ratios=[1.4] * (1 if layers else 0)
+                          + [1.0] * (1 if n_img else 0))
+  r = 0
+  if layers:
+    ax = fig.add_subplot(grid[0, :])
+    crit = np.array([e["criterion"][0] for e in layers], float)
+    kept = np.array([bool(e.get("kept")) for e in layers])
+    x = np.arange(len(layers))
+    ax.bar(x[~kept], crit[~kept], color="0.7", label="no direction kept")
+    ax.bar(x[kept], crit[kept], color="tab:red", label="direction kept (removed)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([e["layer"] for e in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("criterion (skewness)")
+    ax.set_title("DRR criterion per layer (best direction)")
+    ax.legend(fontsize=7, loc="upper left")
+    r = 1
+  if n_img:
+    for i in range(n_img):
+      ax = fig.add_subplot(grid[r, i])
+      img = np.asarray(images[i])
+      ax.imshow(img.squeeze() if img.shape[-1] == 1 else img,
+                cmap="gray" if img.shape[-1] == 1 else None, interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      b, a = int(before[i]), int(after[i])
+      colour = "tab:red" if target is not None and a == target else "black"
+      ax.set_title(f"before: {_name(classes, b)}\nafter: {_name(classes, a)}",
+                   fontsize=8, color=colour)
+    fig.text(0.5, 0.01 if layers else 0.02,
+             "triggered validation images" + (f" (target: {_name(classes, target)})"
+                                              if target is not None else ""),
+             ha="center", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
