@@ -21,13 +21,14 @@ def _name(classes: Sequence[str] | None, c: int) -> str:
 def defense_figure(path: str, report: dict[str, Any] | None, images: np.ndarray | None,
                    before: np.ndarray | None, after: np.ndarray | None,
                    classes: Sequence[str] | None = None, target: int | None = None,
-                   title: str = "") -> str:
+                   title: str = "", labels: np.ndarray | None = None) -> str:
   """Write the figure to `path` (PNG) and return the path.
 
   report: DRR's report (`report["layers"][i]["criterion"][0]`, `["kept"]`); None or a
   report without layers (a baseline) leaves the criterion panel out. images: (n, H, W, C)
-  uint8 triggered images, `before`/`after` the predicted classes (n,); None leaves the
-  image row out."""
+  uint8 triggered images, `before`/`after` the predicted classes (n,), `labels` their true
+  classes (optional); None leaves the image row out. A prediction still equal to
+  `target` after the defense is drawn in red."""
   import matplotlib
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
@@ -66,7 +67,8 @@ def defense_figure(path: str, report: dict[str, Any] | None, images: np.ndarray 
       ax.set_yticks([])
       b, a = int(before[i]), int(after[i])
       colour = "tab:red" if target is not None and a == target else "black"
-      ax.set_title(f"before: {_name(classes, b)}\nafter: {_name(classes, a)}",
+      head = "" if labels is None else f"true: {_name(classes, int(labels[i]))}\n"
+      ax.set_title(f"{head}before: {_name(classes, b)}\nafter: {_name(classes, a)}",
                    fontsize=8, color=colour)
     fig.text(0.5, 0.01 if layers else 0.02,
              "triggered validation images" + (f" (target: {_name(classes, target)})"

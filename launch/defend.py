@@ -67,19 +67,20 @@ def _split_table(before: dict, after: dict) -> str:
 def _figure(path, model, variables, defended, report, split, trigger, acfg, title):
   """defense.png: the per-layer criterion and a few triggered validation images."""
   from drr_jax import data, plots
-  images = before = after = None
+  images = before = after = labels = None
   target = None
   if trigger is not None:
     targets = attacks.target_labels(split.labels, attacks.resolve(acfg))
     idx = np.flatnonzero(targets != split.labels)[:FIGURE_IMAGES]
     images = attacks.apply_trigger(split.images[idx], trigger)
+    labels = split.labels[idx]
     before = evaluate.predict(model, variables, images, progress=False)
     after = evaluate.predict(model, defended, images, progress=False)
     if acfg.get("label_mode", "all2one") == "all2one":
       target = int(targets[0])
   # a project checkpoint is always CIFAR-10 (datasets.load)
   return plots.defense_figure(path, report, images, before, after, data.CLASSES, target,
-                              title)
+                              title, labels)
 
 
 def _metrics(model, variables, split, trigger, acfg, progress=True):
