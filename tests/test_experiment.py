@@ -202,11 +202,15 @@ def test_grids_name_the_issue_cells():
   assert cfg["train"]["epochs"] == 12 and cfg["preset"] == "cpu"
   with pytest.raises(ValueError, match="unknown grid"):
     grid.get_grid("huge")
-  new = grid.get_grid("new-attacks")  # issue 14: three models x CLA, SIG, WaNet
+  new = grid.get_grid("new-attacks")  # issue 14: three models x CLA, SIG, WaNet, IAB
   assert {(c.model, c.attack, c.poison_ratio) for c in new} == {
       (m, a, r) for m in ("resnet18", "preact_resnet18", "wrn28_1")
-      for a, r in (("cla", 0.08), ("sig", 0.08), ("wanet", 0.10))}
-  assert len({grid.cell_id(c) for c in new}) == len({c.seed for c in new}) == 9
+      for a, r in (("cla", 0.08), ("sig", 0.08), ("wanet", 0.10), ("iab", 0.10))}
+  assert len({grid.cell_id(c) for c in new}) == len({c.seed for c in new}) == 12
+  # the first nine kept the ids and seeds they had before IAB joined
+  assert grid.cell_id(new[0]) == "new-r18-cla-p8" and new[0].seed == 301
+  assert [c.seed for c in new if c.attack == "iab"] == [310, 311, 312]
+  assert grid.cell_config(new[-1])["attack"]["name"] == "iab"
 
 
 def test_records_name_the_uncommitted_files_they_ran_with(tmp_path):
