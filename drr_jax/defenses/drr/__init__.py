@@ -3,7 +3,7 @@
 For each conv/dense layer, first to last: take the feature matrix X of the (poisoned)
 data at that layer, find k orthonormal directions maximizing the third central moment of
 X v (`stiefel`), keep those whose criterion exceeds tau, and fold P = I - V V^T into the
-layer's kernel (`projection`). By default (see the README for the evidence) a kept
+layer's kernel (`projection`). By default (see docs/design.md for the evidence) a kept
 candidate v is replaced by the mean difference d of its skewed tail and the rest (the
 direction Theorem 1 says v approximates), confirmed by whether removing it flips its
 tail's predictions, and removed by replacing the component with its benign mean rather

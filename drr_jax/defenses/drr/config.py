@@ -1,7 +1,7 @@
 """DRR's settings as one frozen, validated dataclass.
 
-`DRRConfig` holds every setting with its default (see the README for the evidence behind
-each). Building one checks every value (`__post_init__`), so a bad setting fails with a
+`DRRConfig` holds every setting with its default (see docs/design.md for the evidence
+behind each). Building one checks every value (`__post_init__`), so a bad setting fails with a
 `DefenseError` naming it before any data is loaded. `DRRConfig.from_overrides` (also
 `make_config`) builds one from a dict of overrides, as `defend(config={...})` takes them;
 `to_dict()` is the plain JSON-able dict that reports and experiment records store, for the
@@ -27,7 +27,7 @@ MEAN_FITS = ("average", "interior")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DRRConfig:
-  """DRR settings; see the README for the evidence behind each default.
+  """DRR settings; see docs/design.md for the evidence behind each default.
 
   `layers`: None (every layer) or a list/tuple of layer names, held as a tuple (`to_dict`
   gives it back as a list). A plain string is rejected rather than read as one name (or
@@ -77,7 +77,7 @@ class DRRConfig:
   confirm: bool = True         # confirm candidates (False: keep every candidate)
   confirm_samples: int = 5000  # images of the defense set the confirmation uses
   tail_z: float = 2.0          # a direction's tail: images with z-score above this
-  min_tail_flip: float = 0.6   # share of the tail whose prediction the removal must change
+  min_tail_flip: float = 0.6   # least share of the tail whose prediction it must change
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
@@ -133,7 +133,7 @@ def make_config(overrides: Mapping[str, Any] | DRRConfig | None = None) -> DRRCo
 
 
 def default_config() -> dict[str, Any]:
-  """DRR settings (the defaults, as a plain dict); see the README for the evidence
+  """DRR settings (the defaults, as a plain dict); see docs/design.md for the evidence
   behind each default."""
   return DRRConfig().to_dict()
 
