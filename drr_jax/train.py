@@ -339,7 +339,7 @@ def _train_iab(config: dict[str, Any], base: PoisonedSet, val_set: data.Split,
     used = ((np.concatenate(rows), np.concatenate([np.asarray(x) for x in images]),
              np.concatenate(labels), np.concatenate(kind)) if rows else empty)
     rec = iab.record(n, shape, iab.variables(state["gen"]), iab.variables(state["mask"]),
-                     *used)
+                     *used, base=base.images)
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     val_acc = val_asr = float("nan")
     if len(val_set.labels):

@@ -447,11 +447,17 @@ class GeneratedTrigger:
 
 
 def record(num_train: int, image_shape, gen_vars, mask_vars, rows: np.ndarray,
-           images: np.ndarray, labels: np.ndarray, kind: np.ndarray) -> dict[str, Any]:
+           images: np.ndarray, labels: np.ndarray, kind: np.ndarray, *,
+           base: np.ndarray | None = None) -> dict[str, Any]:
   """The attack record a checkpoint keeps: both networks' variables, and the poisoned
   samples of the epoch it ends: training rows, their images as trained on (uint8, before
   augmentation), labels, and kind (1 backdoor, 2 cross). 'poison_mask' marks the backdoor
-  rows like every record; 'pattern' and 'mask' are zeros that older readers can load."""
+  rows like every record; 'pattern' and 'mask' are zeros that older readers can load.
+
+  With `base` (the clean training images), the images are stored as their difference
+  from the clean ones (`iab_delta`, int16): zero outside each generated mask (about 3 %
+  of the pixels), which the checkpoint's compression shrinks about tenfold, from some
+  27 MB to a few for a CPU-preset run; `trained_set` adds the clean images back."""
   rows = np.asarray(rows, np.int64)
   kind = np.asarray(kind, np.int8)
   poison_mask = np.zeros(num_train, np.uint8)
@@ -462,8 +468,13 @@ def record(num_train: int, image_shape, gen_vars, mask_vars, rows: np.ndarray,
   if len(rows):  # orbax cannot save empty arrays: an epoch with nothing poisoned has none
     # int32: restored arrays are JAX's, 32-bit unless x64 is on, and the digest of an
     # int64 array would not match them
-    rec.update(iab_rows=rows.astype(np.int32), iab_images=np.asarray(images, np.uint8),
-               iab_labels=np.asarray(labels, np.int32), iab_kind=kind)
+    rec.update(iab_rows=rows.astype(np.int32), iab_labels=np.asarray(labels, np.int32),
+               iab_kind=kind)
+    if base is None:
+      rec["iab_images"] = np.asarray(images, np.uint8)
+    else:
+      rec["iab_delta"] = (np.asarray(images, np.int16)
+                          - np.asarray(base, np.int16)[rows]).astype(np.int16)
   return rec
 
 
@@ -485,7 +496,11 @@ def trained_set(base: PoisonedSet, rec: dict[str, Any]) -> PoisonedSet:
   idx = np.zeros(0, np.int64)
   if "iab_rows" in rec:
     rows = np.asarray(rec["iab_rows"], np.int64)
-    images[rows] = np.asarray(rec["iab_images"], np.uint8)
+    if "iab_delta" in rec:
+      images[rows] = (images[rows].astype(np.int16)
+                      + np.asarray(rec["iab_delta"], np.int16)).astype(np.uint8)
+    else:
+      images[rows] = np.asarray(rec["iab_images"], np.uint8)
     labels[rows] = np.asarray(rec["iab_labels"], np.int32)
     idx = np.sort(rows[np.asarray(rec["iab_kind"]) == 1])
   return PoisonedSet(images, labels, idx, trigger_from_record(rec))
