@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from drr_jax import stiefel
 from drr_jax.defenses.drr import candidates
@@ -86,7 +87,7 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
   kept: list[Scored] = []
   removed: dict[str, list[np.ndarray]] = {}
   coverage, removed_tails = state.coverage, state.removed_tails
-  for s in ranked:
+  for s in tqdm(ranked, desc="remove", disable=not run.progress, leave=False):
     v = candidates.orthonormal(s.v, removed.get(s.unit, []))
     if v is None:
       continue
