@@ -64,3 +64,47 @@ def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     except (ValueError, SyntaxError):
       node[leaf] = raw
   return config
+
+
+def _number(config, path, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False):
+  node = config
+  for key in path.split("."):
+    node = node[key]
+  kind = "an integer" if integer else "a number"
+  ok = (isinstance(node, int) if integer else isinstance(node, (int, float))) and not (
+      isinstance(node, bool))
+  if ok and not integer:
+    ok = node == node and abs(node) != float("inf")  # not NaN or Inf
+  if ok and lo is not None:
+    ok = node > lo if lo_open else node >= lo
+  if ok and hi is not None:
+    ok = node < hi if hi_open else node <= hi
+  if not ok:
+    bounds = "".join([f", {'>' if lo_open else '>='} {lo}" if lo is not None else "",
+                      f", {'<' if hi_open else '<='} {hi}" if hi is not None else ""])
+    raise ValueError(f"{path} must be {kind}{bounds}, got {node!r}")
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+  """Checks a training config's values before any data is loaded or any work starts;
+  raises ValueError naming the first bad setting. Returns the config."""
+  from drr_jax import attacks, models  # local: keeps this module free of heavy imports
+  try:
+    name = config["model"]["name"]
+    if name not in models.MODELS:
+      raise ValueError(f"model.name: unknown model {name!r}; choose one of "
+                       f"{tuple(models.MODELS)}")
+    _number(config, "model.width", 0, 8, lo_open=True)
+    attacks.resolve(config["attack"])  # unknown attack names
+    _number(config, "attack.poison_ratio", 0, 1)
+    _number(config, "seed", 0, integer=True)
+    _number(config, "data.val_fraction", 0, 1, hi_open=True)
+    _number(config, "train.epochs", 1, integer=True)
+    _number(config, "train.batch_size", 1, integer=True)
+    _number(config, "train.eval_batch_size", 1, integer=True)
+    _number(config, "train.lr", 0, lo_open=True)
+    _number(config, "train.momentum", 0, 1, hi_open=True)
+    _number(config, "train.weight_decay", 0)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"the config lacks or misshapes a setting: {e!r}") from e
+  return config

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from drr_jax import attacks, configs
+import sys
+
+from drr_jax import attacks, checkpoint, configs, data, models
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--preset", default="cpu", choices=configs.PRESETS,
                  help="experiment preset (drr_jax/configs.py)")
-  p.add_argument("--model", help="resnet18 | wrn28_1 | densenet121")
-  p.add_argument("--width", type=float, help="ResNet-18 width multiplier")
+  p.add_argument("--model", help=" | ".join(models.MODELS))
+  p.add_argument("--width", type=float, help="channel width multiplier (1.0: the "
+                 "published model; DenseNet: its growth rate)")
   p.add_argument("--attack", choices=attacks.NAMES, metavar="ATTACK",
                  help=" | ".join(attacks.NAMES) + " (docs/attacks.md)")
   p.add_argument("--poison_ratio", type=float,
@@ -40,4 +43,22 @@ def config_from_flags(args: argparse.Namespace) -> dict:
   if name in attacks.DEFAULT_RATIOS and args.poison_ratio is None and not any(
       s.startswith("attack.poison_ratio=") for s in args.set):
     cfg["attack"]["poison_ratio"] = attacks.DEFAULT_RATIOS[name]
-  return cfg
+  return configs.validate(cfg)
+
+
+# What a user can cause (a setting, a path, a file): reported in one line, not a traceback.
+USER_ERRORS = (ValueError, KeyError, checkpoint.CheckpointError, data.DataError, OSError)
+
+
+def add_debug_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--debug", action="store_true",
+                 help="show the full traceback of an error")
+
+
+def fail(e: BaseException, debug: bool) -> None:
+  """Exits with one line, `error: <message>`; with --debug raises the error itself
+  (its traceback)."""
+  if debug:
+    raise e
+  message = e.args[0] if isinstance(e, KeyError) and e.args else e
+  sys.exit(f"error: {message}")

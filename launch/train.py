@@ -14,7 +14,8 @@ import time
 import jax
 
 from drr_jax import attacks, checkpoint, datasets, evaluate, train, utils
-from launch.common import add_config_flags, config_from_flags
+from launch.common import (USER_ERRORS, add_config_flags, add_debug_flag,
+                           config_from_flags, fail)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,7 +25,15 @@ def main(argv: list[str] | None = None) -> dict:
                  "(default: $DRR_DATA_DIR)")
   p.add_argument("--workdir", help="run folder (default: runs/<model>-<attack>-<preset>)")
   p.add_argument("--resume", action="store_true", help="continue from the last epoch")
+  add_debug_flag(p)
   args = p.parse_args(argv)
+  try:
+    return _run(args)
+  except USER_ERRORS as e:
+    fail(e, args.debug)
+
+
+def _run(args: argparse.Namespace) -> dict:
   config = config_from_flags(args)
   workdir = args.workdir or os.path.join(
       "runs", f"{config['model']['name']}-{config['attack']['name']}-{config['preset']}")

@@ -49,11 +49,13 @@ def test_cli_errors_name_the_problem(tmp_path, monkeypatch, capsys):
   monkeypatch.delenv("DRR_DATA_DIR", raising=False)
   with pytest.raises(SystemExit, match="does not exist"):
     launch_evaluate.main(["--checkpoint", str(tmp_path / "missing")])
-  from drr_jax.data import DataError
-  with pytest.raises(DataError, match="DRR_DATA_DIR"):
+  with pytest.raises(SystemExit, match="error: No CIFAR-10 folder given.*DRR_DATA_DIR"):
     launch_train.main(["--preset", "tiny", "--workdir", str(tmp_path / "w")])
-  with pytest.raises(KeyError, match="unknown key"):
+  with pytest.raises(SystemExit, match="error: .*unknown key"):
     launch_train.main(["--preset", "tiny", "--set", "train.lrr=1", "--workdir", str(tmp_path / "w")])
+  from drr_jax.data import DataError
+  with pytest.raises(DataError, match="DRR_DATA_DIR"):  # --debug: the error itself
+    launch_train.main(["--preset", "tiny", "--workdir", str(tmp_path / "w"), "--debug"])
 
 
 def test_an_attack_with_its_own_default_ratio_gets_it_unless_one_is_given():
@@ -67,3 +69,23 @@ def test_an_attack_with_its_own_default_ratio_gets_it_unless_one_is_given():
   assert ratio(["--attack", "sig", "--poison_ratio", "0.05"]) == 0.05
   assert ratio(["--attack", "sig", "--set", "attack.poison_ratio=0.03"]) == 0.03
   assert ratio(["--attack", "badnets"]) == 0.1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "train.epochs must be an integer, >= 1"),
+    (["--width", "0"], "model.width must be a number, > 0"),
+    (["--set", "train.lr=nan"], "train.lr must be a number"),
+    (["--set", "attack.poison_ratio=1.5"], "attack.poison_ratio"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--set", "nope=1"], "unknown key 'nope'"),
+    (["--data_dir", "/nonexistent/cifar"], "/nonexistent/cifar does not exist"),
+])
+def test_train_refuses_bad_input_in_one_line_before_any_work(flags, message, tmp_path,
+                                                              capsys):
+  from launch import train as launch_train
+  workdir = tmp_path / "run"
+  with pytest.raises(SystemExit) as e:
+    launch_train.main(["--preset", "tiny", "--workdir", str(workdir), *flags])
+  assert str(e.value.code).startswith("error: ") and message in str(e.value.code)
+  assert "Traceback" not in capsys.readouterr().err
+  assert not workdir.exists()  # nothing written
