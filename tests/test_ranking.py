@@ -78,3 +78,53 @@ def test_ranked_needs_confirmation():
   images, v, _ = _case(n=100, poison=10)
   with pytest.raises(DefenseError, match="ranked.*confirm"):
     defend(Chain(), v, images, config={"mode": "ranked", "confirm": False}, progress=False)
+
+
+def test_later_rounds_repeat_on_the_modified_network_without_repeating_a_removal():
+  images, v, _ = _case()
+  cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
+         "carry": False, "mode": "ranked"}
+  one, rep1 = defend(Chain(), v, images, config={**cfg, "rounds": 1}, progress=False)
+  two, rep2 = defend(Chain(), v, images, config={**cfg, "rounds": 3}, progress=False)
+  assert rep1["feature_passes"] == 1
+  # round 2 ran on the modified network, found nothing more, and round 3 never ran
+  assert rep2["feature_passes"] == 2
+  assert sorted({e["round"] for e in rep2["layers"]}) == [1, 2]
+  assert rep2["directions_kept"] == rep1["directions_kept"] == 1
+  for name in ("feat1", "feat2", "cls"):
+    np.testing.assert_allclose(two["params"][name]["kernel"], one["params"][name]["kernel"])
+
+
+def test_a_clean_model_takes_one_round_whatever_rounds_says():
+  images = np.random.default_rng(0).normal(size=(4000, 3, 2, 2)).astype(np.float32)
+  _, v, _ = _case()
+  _, rep = defend(Chain(), v, images, config={"mode": "ranked", "rounds": 3},
+                  progress=False)
+  assert rep["feature_passes"] == 1 and rep["directions_kept"] == 0
+
+
+def _stats(**kw):
+  base = {"tail_flip": 0.1, "tail_frac": 0.05, "collateral": 0.01, "class_collateral": 0.1,
+          "residual": 40, "residual_flip": 0.9, "overlap": 0.8}
+  return {**base, **kw}
+
+
+@pytest.mark.parametrize("change, ok", [
+    ({}, True),
+    ({"overlap": 0.3}, False),          # aimed at images not removed before: a class
+    ({"overlap": None}, False),
+    ({"residual": 5}, False),           # too few unflipped tail images to judge
+    ({"residual_flip": 0.4}, False),
+    ({"collateral": 0.5}, False),
+    ({"class_collateral": 0.9}, False),
+])
+def test_a_later_round_candidate_must_finish_what_the_first_removed(change, ok):
+  from types import SimpleNamespace
+  from drr_jax.defenses.drr import make_config, ranking
+  run = SimpleNamespace(cfg=make_config({}), confirmer=SimpleNamespace(idx=np.arange(1000)))
+  assert ranking.passes(run, _stats(**change)) is ok
+  # a first-round candidate is judged by its own tail flip instead
+  first = {k: v for k, v in _stats(**change).items()
+           if k not in ("residual", "residual_flip", "overlap")}
+  assert ranking.passes(run, {**first, "tail_flip": 0.9}) is (
+      first["collateral"] <= 0.15 and first["class_collateral"] <= 0.5)

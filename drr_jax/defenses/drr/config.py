@@ -66,7 +66,9 @@ class DRRConfig:
                               # (ranking.py); 'sequential' (Algorithm 1's layer order);
                               # 'one_pass'.
   rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
-                              # up to this many times while directions are still kept
+                              # up to this many times while directions are still kept;
+                              # ranked: repeat the ranking on the modified network
+                              # while the last round kept something
   batch_size: int = 500       # images per forward pass while extracting features
   layers: tuple[str, ...] | None = None  # optional layer names to consider (default: all)
   skip_classifier: bool = True  # never project the last layer's input (class directions)

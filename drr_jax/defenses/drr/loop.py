@@ -10,12 +10,13 @@ direction is also tried at the other readers of the same channels (`readers.carr
 shape are optimized together in one vmapped program, and the kept directions are
 projected at the end.
 'ranked': every unit's candidates are confirmed on the original network's features, then
-removed least collateral first (`ranking`).
+removed least collateral first (`ranking`); with `rounds` > 1 the ranking is repeated on
+the network as modified so far, while the last round kept something.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -128,10 +129,39 @@ def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
 
 
 def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
-  """Every unit's candidates confirmed alone on the original network; those that pass,
-  removed least collateral first (`ranking.select`)."""
+  """Every unit's candidates confirmed alone on the network; those that pass, removed
+  least collateral first (`ranking.select`). With `rounds` > 1, repeated on the network
+  as modified so far while the last round kept something."""
+  entries: list[dict[str, Any]] = []
+  original = run.confirmer.base(variables)
+  lost: dict[str, list[np.ndarray]] = {}
+  passes = 0
+  for r in range(int(run.cfg.rounds)):
+    later = (None if r == 0 else ranking.Later(original, state.removed_tails))
+    variables, kept, state, round_entries = _ranked_round(run, variables, state, lost,
+                                                          later)
+    passes += 1
+    for e in round_entries:
+      e["round"] = r + 1
+    entries += round_entries
+    for s in kept:
+      lost.setdefault(s.unit, []).append(s.v)
+    if not kept:
+      break
+  return LoopResult(variables, entries, passes, state)
+
+
+def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
+                  lost: Mapping[str, list[np.ndarray]], later: ranking.Later | None):
+  """One round of `ranked` on the network `variables`; `lost`: the unit directions
+  removed in earlier rounds. -> (network, kept candidates, state, layer entries)."""
   entries: list[dict[str, Any]] = []
   feats, means = run.extract(variables, tuple(run.order))
+  for name, vs in lost.items():
+    if not run.unit_outputs(name):
+      # folded into the readers, not the tensor: look at it as the readers now see it
+      v = np.stack(vs, 1)
+      feats[name] = feats[name] - (feats[name] @ v) @ v.T
   results = _frames(run, feats)
   scored: dict[str, list[ranking.Scored]] = {}
   seconds: dict[str, float] = {}
@@ -140,12 +170,14 @@ def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
     res, dt = results[name]
     t0 = time.time()
     scored[name], coverage = ranking.landscape(run, variables, name, feats[name],
-                                               means[name], res, coverage)
+                                               means[name], res, coverage,
+                                               prior=lost.get(name, ()), later=later)
     seconds[name] = dt + time.time() - t0
-  original = run.confirmer.base(variables)
   queue = ranking.order(run, [s for name in run.order for s in scored[name]])
+  original = later.original if later is not None else run.confirmer.base(variables)
   variables, kept, state = ranking.select(run, variables, queue,
-                                          state._replace(coverage=coverage), original)
+                                          state._replace(coverage=coverage), original,
+                                          first_round=later is None, prior=lost)
   for name in run.order:
     mine = [s for s in kept if s.unit == name]
     keep = np.zeros(len(np.asarray(results[name][0].values)), bool)
@@ -154,4 +186,4 @@ def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
               else np.zeros((feats[name].shape[1], 0), np.float32))
     entries.append(layer_entry(name, feats[name], results[name][0], keep,
                                [s.stats for s in scored[name]], seconds[name], v_kept))
-  return LoopResult(variables, entries, 1, state)
+  return variables, kept, state, entries

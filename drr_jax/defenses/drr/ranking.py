@@ -8,10 +8,16 @@ units first (`landscape`) and removing the least damaging passing candidate (`se
 takes the trigger out where the network reads it most narrowly. After the first removal
 a further candidate is kept only if it changes most of what is left of its tail: the
 tail images whose prediction is still the original one (`Confirmer.check_residual`).
+
+With `rounds` > 1 the whole ranking is repeated on the network as modified so far, while
+the last round kept something (`loop.ranked`). A later round's candidate is scored by what
+it does to the tail images that still predict as the original network did, and must aim
+at the images already removed (`tail_overlap`): it finishes a backdoor's removal, it does
+not start a new one on a class surfacing once the poison direction is gone.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -23,6 +29,12 @@ from drr_jax.defenses.drr.state import LoopState, Run
 MIN_TAIL = 10      # tail images on the confirmation set, so that a flip is not a coin toss
 DUPLICATE = 0.9    # |cos| above which two candidates of one unit are the same direction
 MIN_RESIDUAL = 0.5  # share of the still-unflipped tail a further removal must change
+
+
+class Later(NamedTuple):
+  """What the rounds before left, for scoring a later round's candidates."""
+  original: np.ndarray       # the original network's predictions on the confirmation set
+  removed_tails: np.ndarray  # (N,) bool: the tails removed so far
 
 
 class Scored(NamedTuple):
@@ -37,26 +49,37 @@ class Scored(NamedTuple):
 
 def passes(run: Run, stats: Mapping[str, Any]) -> bool:
   """Whether a candidate's removal passes confirmation: it changes most of its tail, and
-  few other images, and few of the other images in the tail's majority class."""
+  few other images, and few of the other images in the tail's majority class. In a later
+  round (stats carry 'residual'): most of the tail images still predicted as the original
+  network did, at least MIN_TAIL of them, and a tail mostly inside those removed before."""
   cfg = run.cfg
-  return bool(stats["tail_flip"] >= cfg.min_tail_flip
-              and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL
-              and stats["collateral"] <= cfg.max_collateral
-              and stats["class_collateral"] <= cfg.max_class_collateral)
+  gates = (stats["collateral"] <= cfg.max_collateral
+           and stats["class_collateral"] <= cfg.max_class_collateral)
+  if "residual" in stats:
+    overlap = stats.get("overlap")
+    return bool(gates and stats["residual"] >= MIN_TAIL
+                and stats["residual_flip"] >= cfg.min_tail_flip
+                and (cfg.tail_overlap is None
+                     or (overlap is not None and overlap >= cfg.tail_overlap)))
+  return bool(gates and stats["tail_flip"] >= cfg.min_tail_flip
+              and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL)
 
 
 def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
-              means: np.ndarray, res: stiefel.FrameResult, coverage
+              means: np.ndarray, res: stiefel.FrameResult, coverage,
+              prior: Sequence[np.ndarray] = (), later: Later | None = None
               ) -> tuple[list[Scored], Any]:
   """Every candidate of `unit` (columns with criterion > tau, duplicates dropped), each
-  removed alone from the original network `variables` and confirmed there."""
+  removed alone from the network `variables` and confirmed there. `prior`: unit
+  directions the unit already lost (candidates are made orthogonal to them); `later`:
+  in a round after the first, what the first rounds left (see `passes`)."""
   values, frame = np.asarray(res.values), np.asarray(res.frame)
   scored: list[Scored] = []
   for j in np.argsort(-values):
     if not values[j] > run.cfg.tau:
       break
     found = candidates.candidate(x, frame[:, j], run.n, direction=run.cfg.direction,
-                                 tail_z=run.cfg.tail_z, against=())
+                                 tail_z=run.cfg.tail_z, against=prior)
     if found is None:
       continue
     v, tail = found
@@ -67,6 +90,10 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
         variables, unit, v[:, None].astype(np.float32), benign, coverage)
     stats = run.confirmer.check(variables, trial, tail)
     stats.update(column=int(j), mean_kept=mean_kept)
+    if later is not None:
+      check = run.confirmer.check_residual(later.original, variables, trial, tail)
+      stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
+                   overlap=candidates.tail_overlap(later.removed_tails, tail))
     scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
 
@@ -78,14 +105,18 @@ def order(run: Run, scored: list[Scored]) -> list[Scored]:
 
 
 def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: LoopState,
-           original: np.ndarray) -> tuple[dict[str, Any], list[Scored], LoopState]:
+           original: np.ndarray, first_round: bool = True,
+           prior: Mapping[str, Sequence[np.ndarray]] | None = None
+           ) -> tuple[dict[str, Any], list[Scored], LoopState]:
   """Removes the ranked candidates in turn: the first as it stands; each later one only
   if, on the network as modified so far, it changes at least MIN_RESIDUAL of its tail
   images still predicted as the original network did (at least MIN_TAIL of them) and at
   most max_collateral of the others. `original`: the original network's predictions on
-  the confirmation images. -> (network, the kept candidates, state)."""
+  the confirmation images. In a later round (`first_round` False) the first one is
+  checked the same way. `prior`: the directions each unit lost in earlier rounds.
+  -> (network, the kept candidates, state)."""
   kept: list[Scored] = []
-  removed: dict[str, list[np.ndarray]] = {}
+  removed: dict[str, list[np.ndarray]] = {u: list(v) for u, v in (prior or {}).items()}
   coverage, removed_tails = state.coverage, state.removed_tails
   for s in tqdm(ranked, desc="remove", disable=not run.progress, leave=False):
     v = candidates.orthonormal(s.v, removed.get(s.unit, []))
@@ -93,7 +124,7 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
       continue
     trial, mean_kept, coverage = run.removal.project(
         variables, s.unit, v[:, None].astype(np.float32), s.benign, coverage)
-    if kept:
+    if kept or not first_round:
       check = run.confirmer.check_residual(original, variables, trial, s.tail)
       s.stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
                      residual_collateral=check["collateral"])
