@@ -59,6 +59,9 @@ def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
       node = node[p]
     if leaf not in node:
       raise KeyError(f"override {item!r}: unknown key {key!r}")
+    if isinstance(node[leaf], dict):
+      raise KeyError(f"override {item!r}: {key!r} is a section; set its keys "
+                     f"({key}.KEY=VALUE)")
     try:
       node[leaf] = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -88,7 +91,7 @@ def _number(config, path, lo=None, hi=None, *, integer=False, lo_open=False, hi_
 def validate(config: dict[str, Any]) -> dict[str, Any]:
   """Checks a training config's values before any data is loaded or any work starts;
   raises ValueError naming the first bad setting. Returns the config."""
-  from drr_jax import attacks, models  # local: keeps this module free of heavy imports
+  from drr_jax import attacks, data, models  # local: keeps this module free of heavy imports
   try:
     name = config["model"]["name"]
     if name not in models.MODELS:
@@ -97,6 +100,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     _number(config, "model.width", 0, 8, lo_open=True)
     attacks.resolve(config["attack"])  # unknown attack names
     _number(config, "attack.poison_ratio", 0, 1)
+    _number(config, "attack.target", 0, len(data.CLASSES) - 1, integer=True)
     _number(config, "seed", 0, integer=True)
     _number(config, "data.val_fraction", 0, 1, hi_open=True)
     _number(config, "train.epochs", 1, integer=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import time
 import traceback
@@ -46,6 +47,13 @@ def experiment_config(cell: Cell, overrides: Sequence[str] = ()) -> dict[str, An
   cfg = configs.override(cfg, list(overrides))
   for section in ("drr", "paper"):  # bad settings fail here, before any training
     drr.make_config(cfg[section])
+  if cfg["analysis"] is not None:
+    taus = cfg["analysis"]["taus"]
+    if not (isinstance(taus, (list, tuple)) and taus and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+        for t in taus)):
+      raise ValueError(f"analysis.taus must be a non-empty list of finite numbers, got "
+                       f"{taus!r}")
   return json.loads(json.dumps(utils.jsonable(cfg)))
 
 

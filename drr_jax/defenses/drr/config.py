@@ -69,6 +69,10 @@ class DRRConfig:
                               # up to this many times while directions are still kept;
                               # ranked: repeat the ranking on the modified network
                               # while the last round kept something
+  finish: bool = False        # ranked: after a removal, also try the candidates that
+                              # failed only their own tail flip, where their tail lies
+                              # mostly (tail_overlap) in the tails removed, each kept if
+                              # it flips most of the tail images still unflipped
   batch_size: int = 500       # images per forward pass while extracting features
   layers: tuple[str, ...] | None = None  # optional layer names to consider (default: all)
   skip_classifier: bool = True  # never project the last layer's input (class directions)
@@ -183,7 +187,7 @@ def _validate(cfg: DRRConfig) -> None:
   _choice("side", cfg.side, SIDES)
   _choice("search", cfg.search, tuple(stiefel.SEARCHES))
   _choice("direction", cfg.direction, DIRECTIONS)
-  for key in ("keep_mean", "locate", "carry"):
+  for key in ("keep_mean", "locate", "carry", "finish"):
     _flag(key, getattr(cfg, key))
   _choice("mean_fit", cfg.mean_fit, MEAN_FITS)
   _choice("mode", cfg.mode, MODES)
