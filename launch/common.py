@@ -2,10 +2,21 @@
 from __future__ import annotations
 
 import argparse
-
+import os
+import stat
 import sys
 
 from drr_jax import attacks, checkpoint, configs, data, models
+
+
+def parser(doc: str, module: str) -> argparse.ArgumentParser:
+  """The parser of the entry point `module` ('launch.train') whose docstring is `doc`: its
+  first paragraph (whole, as written) is the description, the rest (the examples) the
+  epilog."""
+  head, _, rest = doc.strip().partition("\n\n")
+  return argparse.ArgumentParser(prog=f"python -m {module}", description=head,
+                                 epilog=rest.strip("\n").rstrip() or None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +64,22 @@ USER_ERRORS = (ValueError, KeyError, checkpoint.CheckpointError, data.DataError,
 def add_debug_flag(p: argparse.ArgumentParser) -> None:
   p.add_argument("--debug", action="store_true",
                  help="show the full traceback of an error")
+
+
+def check_folder(path: str | None, flag: str) -> None:
+  """Refuses (ValueError) a folder argument that is empty or names an existing file."""
+  if path is None:
+    return
+  if not path.strip():
+    raise ValueError(f"{flag} is empty: give a folder")
+  try:
+    is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+  except FileNotFoundError:
+    return  # made when needed
+  except OSError as e:  # a name too long, a file on the way (NotADirectoryError), ...
+    raise ValueError(f"{flag} {path}: {e.strerror or e}") from e
+  if not is_dir:
+    raise ValueError(f"{flag} {path} is a file, not a folder")
 
 
 def fail(e: BaseException, debug: bool) -> None:

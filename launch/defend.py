@@ -1,4 +1,4 @@
-"""Defend a model (DRR, or a baseline); report ACC/ASR before/after.
+r"""Defend a model (DRR, or a baseline); report ACC/ASR before/after.
 
 With no arguments: DRR on the committed backdoored checkpoint
 (artifacts/wrn28_1-badnets-cpu, WRN-28-1 with a BadNets backdoor) and the CIFAR-10 zips in
@@ -37,6 +37,7 @@ import numpy as np
 
 from drr_jax import assets, attacks, checkpoint, configs, datasets, evaluate, utils
 from drr_jax.defenses import METHODS, DefenseError, get_defense
+from launch.common import USER_ERRORS, add_debug_flag, fail, parser
 
 PRESETS = ("drr", "paper")  # --preset, kept as an alias of --method for these two
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +90,7 @@ def _metrics(model, variables, split, trigger, acfg, progress=True):
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = parser(__doc__, "launch.defend")
   src = p.add_argument_group("what to defend (one of)")
   src.add_argument("--checkpoint", help="a run folder written by launch.train (default, "
                    "when no source is given: the committed backdoored checkpoint "
@@ -135,11 +136,23 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--plain_pass", action="store_true", help="--checkpoint: also time one "
                  "plain inference pass over the defense images, as a reference for the "
                  "defense's cost (result.json: plain_pass_seconds)")
+  add_debug_flag(p)
   args = p.parse_args(argv)
+  try:
+    return _run(args)
+  except USER_ERRORS as e:  # a path, a file, a setting: one line (--debug: the traceback)
+    fail(e, args.debug)
+
+
+def _run(args: argparse.Namespace) -> dict:
   if args.method and args.preset and args.method != args.preset:
     sys.exit(f"error: --method {args.method} and --preset {args.preset} disagree")
   method = args.method or args.preset or "drr"
-  sources = [f for f in ("checkpoint", "model", "torch_checkpoint") if getattr(args, f)]
+  sources = [f for f in ("checkpoint", "model", "torch_checkpoint")
+             if getattr(args, f) is not None]
+  for f in sources:
+    if not getattr(args, f).strip():
+      raise ValueError(f"--{f} is empty")
   if not sources:
     args.checkpoint = DEFAULT_CHECKPOINT
     print(f"no model given: defending the committed backdoored checkpoint "

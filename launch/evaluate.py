@@ -6,23 +6,30 @@ The trigger and attack settings come from the checkpoint's own record.
 from __future__ import annotations
 
 import argparse
-import sys
-
-import numpy as np
 
 from drr_jax import attacks, checkpoint, data, evaluate
+from launch.common import USER_ERRORS, add_debug_flag, fail, parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = parser(__doc__, "launch.evaluate")
   p.add_argument("--checkpoint", required=True, help="run folder or its checkpoints/")
   p.add_argument("--data_dir", help="folder with cifar10-test.zip (default: $DRR_DATA_DIR)")
-  p.add_argument("--batch_size", type=int, default=500)
+  p.add_argument("--batch_size", type=int, default=500, help="images per forward pass")
+  add_debug_flag(p)
   args = p.parse_args(argv)
   try:
-    model, variables, meta, record = checkpoint.load_model(args.checkpoint)
-  except checkpoint.CheckpointError as e:
-    sys.exit(f"error: {e}")
+    return _run(args)
+  except USER_ERRORS as e:
+    fail(e, args.debug)
+
+
+def _run(args: argparse.Namespace) -> dict:
+  if args.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+  if not args.checkpoint.strip():
+    raise ValueError("--checkpoint is empty: give a run folder")
+  model, variables, meta, record = checkpoint.load_model(args.checkpoint)
   test = data.load_split("test", args.data_dir)
   acfg = meta["config"]["attack"]
   trigger = attacks.trigger_from_record(record)

@@ -11,10 +11,11 @@ import os
 import sys
 
 from drr_jax import data, experiment, grid
+from launch.common import USER_ERRORS, add_debug_flag, check_folder, fail, parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = parser(__doc__, "launch.experiment")
   p.add_argument("--grid", default="cpu", choices=tuple(grid.GRIDS), help="drr_jax/grid.py")
   p.add_argument("--data_dir", help="folder with cifar10-{train,test}.zip "
                  "(default: $DRR_DATA_DIR)")
@@ -32,23 +33,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="DRR or analysis setting, e.g. --set drr.k=8 "
                  "--set analysis.taus=[2.0,3.0]")
+  add_debug_flag(p)
   args = p.parse_args(argv)
   try:
-    data_dir = data.resolve_data_dir(args.data_dir)
-  except data.DataError as e:
-    sys.exit(f"error: {e}")
-  cells = grid.get_grid(args.grid)
-  if args.only:
-    cells = [c for c in cells if any(s in grid.cell_id(c) for s in args.only)]
-    if not cells:
-      sys.exit(f"error: no cell of grid {args.grid!r} matches --only {args.only}")
-  for c in cells:  # a bad --set fails here, before hours of training
-    experiment.experiment_config(c, args.set)
-  results = args.results or os.path.join("results", args.grid)
+    cells, data_dir, results, export = _check(args)
+  except USER_ERRORS as e:
+    fail(e, args.debug)
   print(f"grid {args.grid}: {len(cells)} cell(s) -> {results}", flush=True)
-  export = args.export
-  if export is None and args.grid != "tiny":
-    export = os.path.join("artifacts", "checkpoints")
   outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
                                 overrides=args.set, export_root=export or None,
                                 train_only=args.train_only)
@@ -57,6 +48,27 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
   if outcome["failed"]:
     sys.exit(1)
   return outcome
+
+
+def _check(args: argparse.Namespace):
+  """(cells, data folder, results folder, export root): every argument checked before
+  the grid starts hours of work."""
+  data_dir = data.resolve_data_dir(args.data_dir)
+  cells = grid.get_grid(args.grid)
+  if args.only:
+    cells = [c for c in cells if any(s in grid.cell_id(c) for s in args.only)]
+    if not cells:
+      raise ValueError(f"no cell of grid {args.grid!r} matches --only {args.only}")
+  for c in cells:  # a bad --set fails here, before hours of training
+    experiment.experiment_config(c, args.set)
+  results = args.results or os.path.join("results", args.grid)
+  export = args.export
+  if export is None and args.grid != "tiny":
+    export = os.path.join("artifacts", "checkpoints")
+  for path, flag in ((results, "--results"), (args.ckpt_root, "--ckpt_root"),
+                     (export or None, "--export")):
+    check_folder(path, flag)
+  return cells, data_dir, results, export
 
 
 if __name__ == "__main__":

@@ -7,18 +7,19 @@ Re-running it on the same records gives the same files (nothing is dated from th
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from drr_jax import report
+from launch.common import USER_ERRORS, add_debug_flag, check_folder, fail, parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = parser(__doc__, "launch.report")
   p.add_argument("--results", default="results/cpu", help="folder of the grid's records")
   p.add_argument("--out", help="folder for the outputs (default: --results)")
   p.add_argument("--settings", action="store_true", help="print DRR's settings as a "
                  "markdown table (defenses/drr/config.py: settings_markdown) and stop")
+  add_debug_flag(p)
   args = p.parse_args(argv)
   if args.settings:
     from drr_jax.defenses.drr.config import settings_markdown
@@ -26,9 +27,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(table, end="")
     return {"settings": table}
   try:
+    check_folder(args.out, "--out")
     paths, warnings = report.write_report(args.results, args.out)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  except USER_ERRORS as e:
+    fail(e, args.debug)
   for w in warnings:
     print(f"warning: {w}", file=sys.stderr)
   print(paths["table"].read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Train a (backdoored) CIFAR-10 classifier and report its ACC/ASR on the test set.
+r"""Train a (backdoored) CIFAR-10 classifier and report its ACC/ASR on the test set.
 
   python -m launch.train --preset cpu --attack badnets --data_dir ../shared/data \
       --workdir runs/wrn28_1-badnets
@@ -14,12 +14,12 @@ import time
 import jax
 
 from drr_jax import attacks, checkpoint, datasets, evaluate, train, utils
-from launch.common import (USER_ERRORS, add_config_flags, add_debug_flag,
-                           config_from_flags, fail)
+from launch.common import (USER_ERRORS, add_config_flags, add_debug_flag, check_folder,
+                           config_from_flags, fail, parser)
 
 
 def main(argv: list[str] | None = None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = parser(__doc__, "launch.train")
   add_config_flags(p)
   p.add_argument("--data_dir", help="folder with cifar10-{train,test}.zip "
                  "(default: $DRR_DATA_DIR)")
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(args: argparse.Namespace) -> dict:
   config = config_from_flags(args)
+  check_folder(args.workdir, "--workdir")
   workdir = args.workdir or os.path.join(
       "runs", f"{config['model']['name']}-{config['attack']['name']}-{config['preset']}")
   if not args.resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
