@@ -73,6 +73,10 @@ class DRRConfig:
                               # failed only their own tail flip, where their tail lies
                               # mostly (tail_overlap) in the tails removed, each kept if
                               # it flips most of the tail images still unflipped
+  residual_tail: bool = False  # ranked, rounds > 1: a later round also tries, at every
+                              # unit, the mean difference of the residual tail (removed-
+                              # tail images still predicted as the original network did)
+                              # and the rest, with the later round's gates
   batch_size: int = 500       # images per forward pass while extracting features
   layers: tuple[str, ...] | None = None  # optional layer names to consider (default: all)
   skip_classifier: bool = True  # never project the last layer's input (class directions)
@@ -187,7 +191,7 @@ def _validate(cfg: DRRConfig) -> None:
   _choice("side", cfg.side, SIDES)
   _choice("search", cfg.search, tuple(stiefel.SEARCHES))
   _choice("direction", cfg.direction, DIRECTIONS)
-  for key in ("keep_mean", "locate", "carry", "finish"):
+  for key in ("keep_mean", "locate", "carry", "finish", "residual_tail"):
     _flag(key, getattr(cfg, key))
   _choice("mean_fit", cfg.mean_fit, MEAN_FITS)
   _choice("mode", cfg.mode, MODES)

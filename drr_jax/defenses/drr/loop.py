@@ -166,12 +166,19 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
   scored: dict[str, list[ranking.Scored]] = {}
   seconds: dict[str, float] = {}
   coverage = state.coverage
+  residual = (ranking.residual_tail(run, variables, later)
+              if later is not None and run.cfg.residual_tail else None)
   for name in tqdm(run.order, desc="landscape", disable=not run.progress, leave=False):
     res, dt = results[name]
     t0 = time.time()
     scored[name], coverage = ranking.landscape(run, variables, name, feats[name],
                                                means[name], res, coverage,
                                                prior=lost.get(name, ()), later=later)
+    if residual is not None:
+      extra, coverage = ranking.residual_candidates(
+          run, variables, name, feats[name], means[name], residual, coverage,
+          prior=lost.get(name, ()))
+      scored[name] += extra
     seconds[name] = dt + time.time() - t0
   every = [s for name in run.order for s in scored[name]]
   queue = ranking.order(run, every)
@@ -184,9 +191,10 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
   for name in run.order:
     mine = [s for s in kept if s.unit == name]
     keep = np.zeros(len(np.asarray(results[name][0].values)), bool)
-    keep[[s.column for s in mine]] = True
+    keep[[s.column for s in mine if s.column >= 0]] = True
     v_kept = (np.stack([s.v for s in mine], 1).astype(np.float32) if mine
               else np.zeros((feats[name].shape[1], 0), np.float32))
-    entries.append(layer_entry(name, feats[name], results[name][0], keep,
-                               [s.stats for s in scored[name]], seconds[name], v_kept))
+    entry = layer_entry(name, feats[name], results[name][0], keep,
+                        [s.stats for s in scored[name]], seconds[name], v_kept)
+    entries.append({**entry, "kept": len(mine)})  # residual-tail ones have no column
   return variables, kept, state, entries

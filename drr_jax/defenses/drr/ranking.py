@@ -98,6 +98,38 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
   return scored, coverage
 
 
+def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
+  """(N,) bool: the confirmation images in the tails removed so far whose prediction is
+  still the original network's: what a first removal left of the backdoor."""
+  idx = run.confirmer.idx
+  still = later.removed_tails[idx] & (run.confirmer.base(variables) == later.original)
+  mask = np.zeros(run.n, bool)
+  mask[idx[still]] = True
+  return mask
+
+
+def residual_candidates(run: Run, variables: Mapping[str, Any], unit: str,
+                        x: np.ndarray, means: np.ndarray, residual: np.ndarray,
+                        coverage, prior: Sequence[np.ndarray] = ()
+                        ) -> tuple[list[Scored], Any]:
+  """A later round's candidate of `unit` that needs no search: the mean difference of
+  the residual tail's features and the rest's (Theorem 1's d for the poison that is
+  left), removed from the network `variables` and confirmed on those images."""
+  if residual.sum() < MIN_TAIL:
+    return [], coverage
+  v = candidates.tail_mean(x, residual, run.n)
+  v = None if v is None else candidates.orthonormal(v, prior)
+  if v is None:
+    return [], coverage
+  benign = means[~residual].mean(0).astype(np.float64)
+  trial, mean_kept, coverage = run.removal.project(
+      variables, unit, v[:, None].astype(np.float32), benign, coverage)
+  stats = run.confirmer.check(variables, trial, residual)
+  stats.update(column=-1, mean_kept=mean_kept, residual=int(residual.sum()),
+               residual_flip=stats["tail_flip"], overlap=1.0, source="residual_tail")
+  return [Scored(unit, -1, v, residual, benign, stats)], coverage
+
+
 def order(run: Run, scored: list[Scored]) -> list[Scored]:
   """The passing candidates, least collateral first (then most tail flip)."""
   ok = [s for s in scored if passes(run, s.stats)]
