@@ -144,8 +144,9 @@ def finishers(run: Run, scored: list[Scored]) -> list[Scored]:
   out = [s for s in scored if not passes(run, s.stats)
          and s.stats["collateral"] <= cfg.max_collateral
          and s.stats["class_collateral"] <= cfg.max_class_collateral]
-  return [s._replace(stats={**s.stats, "finisher": True})
-          for s in sorted(out, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))]
+  for s in out:
+    s.stats["finisher"] = True  # in place: the layer report shows the same dict
+  return sorted(out, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
 
 
 def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: LoopState,
