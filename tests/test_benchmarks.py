@@ -1,0 +1,143 @@
+"""benchmarks/defend_bench.py and benchmarks/train_bench.py run end to end on tiny
+settings and report every figure (keys present, values positive). No timing is asserted:
+the figures themselves are taken by hand (benchmarks/README.md)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+  spec = importlib.util.spec_from_file_location(f"_bench_{name}",
+                                                ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_defend_bench_reports_every_phase_and_restores_the_library(tmp_path, capsys):
+  bench = _script("defend_bench")
+  from drr_jax import inference, stiefel
+  from drr_jax.defenses.drr.confirmation import Confirmer
+  from drr_jax.defenses.drr.removal import Removal
+  from drr_jax.defenses.drr.state import Run
+  before = (Run.extract, stiefel.maximize, stiefel.maximize_stacked, Confirmer.check,
+            Confirmer.base, Removal.project, inference.predict)
+  out_json = tmp_path / "defend.json"
+  out = bench.main(["--synthetic", "--n", "64", "--models",
+                    f"random:{ROOT / 'tests' / 'tiny_net.py'}:TinyNet",
+                    "--set", "steps=10", "--json", str(out_json)])
+  after = (Run.extract, stiefel.maximize, stiefel.maximize_stacked, Confirmer.check,
+           Confirmer.base, Removal.project, inference.predict)
+  assert all(a is b for a, b in zip(before, after)), "a timing wrapper was left in place"
+  assert json.loads(out_json.read_text())["results"][0]["n"] == 64
+  (res,) = out["results"]
+  assert res["n"] == 64 and set(res["runs"]) == {"floor", "default", "paper"}
+  for mode, run in res["runs"].items():
+    assert run["seconds"] > 0 and run["images_per_s"] > 0 and run["x_floor"] > 0, mode
+    if bench.psutil is not None:
+      assert run["peak_rss_mb"] > 0
+  for mode in ("default", "paper"):
+    run = res["runs"][mode]
+    assert set(run["phases"]) == {*bench.PHASES, "other"}
+    assert all(s >= 0 for s in run["phases"].values())
+    assert sum(run["phases"].values()) == pytest.approx(run["seconds"], rel=1e-6)
+    assert run["phases"]["features"] > 0 and run["phases"]["search"] > 0
+    assert run["feature_passes"] >= 1 and run["features_mb"] > 0
+  # the defaults confirm candidates; the paper's Algorithm 1 does not
+  assert res["runs"]["default"]["phases"]["confirmation"] > 0
+  assert res["runs"]["default"]["predicted_images"] > 0
+  assert res["runs"]["paper"]["phases"]["confirmation"] == 0
+  assert out["peak_rss_mb_process"] > 0 and out["environment"]["machine"]
+  printed = capsys.readouterr().out
+  assert "x floor" in printed and "TinyNet" in printed and "machine:" in printed
+
+
+def test_train_bench_reports_both_frameworks(tmp_path):
+  torch = pytest.importorskip("torch")
+  bench = _script("train_bench")
+  out_json = tmp_path / "train.json"
+  threads = torch.get_num_threads()
+  try:
+    out = bench.main(["--models", "resnet18@0.125", "--batch", "8", "--steps", "2",
+                      "--warmup", "1", "--repeats", "1", "--loop-images", "16",
+                      "--inference-images", "16", "--torch-threads", "1",
+                      "--json", str(out_json)])
+  finally:
+    torch.set_num_threads(threads)  # the script sets it for the whole process
+  assert json.loads(out_json.read_text())["batch"] == 8
+  (res,) = out["results"]
+  assert set(res["runs"]) == {"jax step", "torch step", "jax loop", "jax inference",
+                              "torch inference"}
+  assert all(r["images_per_s"] > 0 for r in res["runs"].values())
+  assert set(res["ratios"]) == {"step jax/torch", "loop/step jax", "loop jax/torch step",
+                                "inference jax/torch"}
+  assert all(v > 0 for v in res["ratios"].values())
+  # the same network: as many parameters on both sides
+  assert res["params"]["jax step"] == res["params"]["torch step"]
+  assert out["environment"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("spec", ["resnet18@0.125", "wrn28_1@0.25"])
+def test_torch_networks_compute_what_drr_jax_models_compute(spec):
+  torch = pytest.importorskip("torch")
+  from torch import nn
+
+  from drr_jax.models import get_model
+  bench = _script("train_bench")
+  name, _, width = spec.partition("@")
+  model = get_model(name, width=float(width))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+  rng = np.random.default_rng(0)
+  # non-trivial BatchNorm statistics, so that a swapped BN would show
+  variables = jax.tree_util.tree_map(
+      lambda x: x + 0.1 * jnp.asarray(rng.random(x.shape), x.dtype), variables)
+  net = bench.torch_model(name, float(width)).eval()
+  # the modules each framework creates, in call order
+  order: list[str] = []
+  model.apply(variables, jnp.zeros((1, 32, 32, 3), jnp.uint8),
+              capture_intermediates=lambda m, _: bool(
+                  order.append("/".join(m.path)) or False))
+  jax_modules = [p for p in order if p and p.split("/")[-1].endswith(
+      ("conv", "conv1", "conv2", "bn", "bn1", "bn2", "head"))]
+  calls: list[nn.Module] = []
+  hooks = [m.register_forward_hook(lambda m, i, o: calls.append(m))
+           for m in net.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+  net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+  for h in hooks:
+    h.remove()
+  assert len(calls) == len(jax_modules)
+  params = variables["params"]
+  stats = variables["batch_stats"]
+
+  def at(tree, path):
+    for k in path.split("/"):
+      tree = tree[k]
+    return tree
+
+  with torch.no_grad():
+    for m, path in zip(calls, jax_modules):
+      p = at(params, path)
+      if isinstance(m, nn.Conv2d):
+        m.weight.copy_(torch.from_numpy(np.array(p["kernel"]).transpose(3, 2, 0, 1)))
+      elif isinstance(m, nn.BatchNorm2d):
+        s = at(stats, path)
+        m.weight.copy_(torch.from_numpy(np.array(p["scale"])))
+        m.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+        m.running_mean.copy_(torch.from_numpy(np.array(s["mean"])))
+        m.running_var.copy_(torch.from_numpy(np.array(s["var"])))
+      else:
+        m.weight.copy_(torch.from_numpy(np.array(p["kernel"]).T))
+        m.bias.copy_(torch.from_numpy(np.array(p["bias"])))
+  images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  want = np.asarray(model.apply(variables, images))
+  got = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).detach().numpy()
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
