@@ -128,3 +128,18 @@ def test_a_later_round_candidate_must_finish_what_the_first_removed(change, ok):
            if k not in ("residual", "residual_flip", "overlap")}
   assert ranking.passes(run, {**first, "tail_flip": 0.9}) is (
       first["collateral"] <= 0.15 and first["class_collateral"] <= 0.5)
+
+
+def test_the_residual_tail_is_the_removed_tail_still_predicted_as_before():
+  from types import SimpleNamespace
+  from drr_jax.defenses.drr import ranking
+  idx = np.array([0, 2, 4, 6, 8])            # the confirmation images among 10
+  now = np.array([1, 1, 0, 1, 2])            # current predictions on them
+  original = np.array([1, 2, 0, 1, 2])       # the original network's
+  removed = np.zeros(10, bool)
+  removed[[0, 2, 4, 5]] = True               # tails removed so far (5: not confirmed on)
+  confirmer = SimpleNamespace(idx=idx, base=lambda variables: now)
+  run = SimpleNamespace(confirmer=confirmer, n=10)
+  mask = ranking.residual_tail(run, None, ranking.Later(original, removed))
+  # 0 and 4: removed and unchanged; 2 was flipped; 5 unknown; 6 and 8 never removed
+  np.testing.assert_array_equal(np.flatnonzero(mask), [0, 4])
