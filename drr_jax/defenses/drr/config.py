@@ -69,10 +69,6 @@ class DRRConfig:
                               # up to this many times while directions are still kept;
                               # ranked: repeat the ranking on the modified network
                               # while the last round kept something
-  finish: bool = False        # ranked: after a removal, also try the candidates that
-                              # failed only their own tail flip, where their tail lies
-                              # mostly (tail_overlap) in the tails removed, each kept if
-                              # it flips most of the tail images still unflipped
   residual_tail: bool = False  # ranked, rounds > 1: a later round also tries, at every
                               # unit, the mean difference of the residual tail (removed-
                               # tail images still predicted as the original network did)
@@ -191,7 +187,7 @@ def _validate(cfg: DRRConfig) -> None:
   _choice("side", cfg.side, SIDES)
   _choice("search", cfg.search, tuple(stiefel.SEARCHES))
   _choice("direction", cfg.direction, DIRECTIONS)
-  for key in ("keep_mean", "locate", "carry", "finish", "residual_tail"):
+  for key in ("keep_mean", "locate", "carry", "residual_tail"):
     _flag(key, getattr(cfg, key))
   _choice("mean_fit", cfg.mean_fit, MEAN_FITS)
   _choice("mode", cfg.mode, MODES)

@@ -182,8 +182,6 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
     seconds[name] = dt + time.time() - t0
   every = [s for name in run.order for s in scored[name]]
   queue = ranking.order(run, every)
-  if run.cfg.finish:
-    queue += ranking.finishers(run, every)
   original = later.original if later is not None else run.confirmer.base(variables)
   variables, kept, state = ranking.select(run, variables, queue,
                                           state._replace(coverage=coverage), original,

@@ -136,19 +136,6 @@ def order(run: Run, scored: list[Scored]) -> list[Scored]:
   return sorted(ok, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
 
 
-def finishers(run: Run, scored: list[Scored]) -> list[Scored]:
-  """The candidates that fail confirmation only by their own tail flip (too few tail
-  images, or too little flip), least collateral first: tried by `select` after a removal,
-  to finish it where their tail lies mostly in the tails removed."""
-  cfg = run.cfg
-  out = [s for s in scored if not passes(run, s.stats)
-         and s.stats["collateral"] <= cfg.max_collateral
-         and s.stats["class_collateral"] <= cfg.max_class_collateral]
-  for s in out:
-    s.stats["finisher"] = True  # in place: the layer report shows the same dict
-  return sorted(out, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
-
-
 def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: LoopState,
            original: np.ndarray, first_round: bool = True,
            prior: Mapping[str, Sequence[np.ndarray]] | None = None
@@ -158,19 +145,12 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
   images still predicted as the original network did (at least MIN_TAIL of them) and at
   most max_collateral of the others. `original`: the original network's predictions on
   the confirmation images. In a later round (`first_round` False) the first one is
-  checked the same way. `prior`: the directions each unit lost in earlier rounds. A
-  finisher (`finishers`) is tried only once something was removed, and only if at least
-  tail_overlap of its tail lies in the tails removed so far.
+  checked the same way. `prior`: the directions each unit lost in earlier rounds.
   -> (network, the kept candidates, state)."""
   kept: list[Scored] = []
   removed: dict[str, list[np.ndarray]] = {u: list(v) for u, v in (prior or {}).items()}
   coverage, removed_tails = state.coverage, state.removed_tails
   for s in tqdm(ranked, desc="remove", disable=not run.progress, leave=False):
-    if s.stats.get("finisher"):
-      overlap = candidates.tail_overlap(removed_tails, s.tail)
-      if overlap is None or overlap < (run.cfg.tail_overlap or 0.5):
-        continue
-      s.stats["overlap"] = overlap
     v = candidates.orthonormal(s.v, removed.get(s.unit, []))
     if v is None:
       continue
