@@ -47,7 +47,7 @@ def _predict(v, images):
 def test_ranked_removes_the_trigger_where_it_costs_least():
   images, v, truth = _case()
   cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
-         "carry": False}
+         "carry": False, "rounds": 1}
   seq, rep_seq = defend(Chain(), v, images, config={**cfg, "mode": "sequential"},
                         progress=False)
   new, rep = defend(Chain(), v, images, config={**cfg, "mode": "ranked"}, progress=False)
@@ -81,9 +81,11 @@ def test_ranked_needs_confirmation():
 
 
 def test_later_rounds_repeat_on_the_modified_network_without_repeating_a_removal():
+  """Searched candidates only (no residual tail): round 2 runs on the modified network,
+  finds no new direction, and does not remove the first one again."""
   images, v, _ = _case()
   cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
-         "carry": False, "mode": "ranked"}
+         "carry": False, "mode": "ranked", "residual_tail": False}
   one, rep1 = defend(Chain(), v, images, config={**cfg, "rounds": 1}, progress=False)
   two, rep2 = defend(Chain(), v, images, config={**cfg, "rounds": 3}, progress=False)
   assert rep1["feature_passes"] == 1

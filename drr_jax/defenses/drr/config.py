@@ -65,11 +65,11 @@ class DRRConfig:
                               # original network, removed least collateral first
                               # (ranking.py); 'sequential' (Algorithm 1's layer order);
                               # 'one_pass'.
-  rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
+  rounds: int = 2             # sequential: revisit a layer, with re-extracted features,
                               # up to this many times while directions are still kept;
                               # ranked: repeat the ranking on the modified network
                               # while the last round kept something
-  residual_tail: bool = False  # ranked, rounds > 1: a later round also tries, at every
+  residual_tail: bool = True   # ranked, rounds > 1: a later round also tries, at every
                               # unit, the mean difference of the residual tail (removed-
                               # tail images still predicted as the original network did)
                               # and the rest, with the later round's gates
