@@ -13,7 +13,10 @@ With `rounds` > 1 the whole ranking is repeated on the network as modified so fa
 the last round kept something (`loop.ranked`). A later round's candidate is scored by what
 it does to the tail images that still predict as the original network did, and must aim
 at the images already removed (`tail_overlap`): it finishes a backdoor's removal, it does
-not start a new one on a class surfacing once the poison direction is gone.
+not start a new one on a class surfacing once the poison direction is gone. With
+`residual_tail`, a later round also tries at every unit the mean difference of the
+residual tail (`residual_tail`, `residual_candidates`): the removed-tail images that the
+network still predicts as the original did, i.e. what the first removal left.
 """
 from __future__ import annotations
 
