@@ -47,7 +47,7 @@ def _predict(v, images):
 def test_ranked_removes_the_trigger_where_it_costs_least():
   images, v, truth = _case()
   cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
-         "carry": False, "rounds": 1}
+         "carry": False, "ranked_rounds": 1}
   seq, rep_seq = defend(Chain(), v, images, config={**cfg, "mode": "sequential"},
                         progress=False)
   new, rep = defend(Chain(), v, images, config={**cfg, "mode": "ranked"}, progress=False)
@@ -86,8 +86,8 @@ def test_later_rounds_repeat_on_the_modified_network_without_repeating_a_removal
   images, v, _ = _case()
   cfg = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
          "carry": False, "mode": "ranked", "residual_tail": False}
-  one, rep1 = defend(Chain(), v, images, config={**cfg, "rounds": 1}, progress=False)
-  two, rep2 = defend(Chain(), v, images, config={**cfg, "rounds": 3}, progress=False)
+  one, rep1 = defend(Chain(), v, images, config={**cfg, "ranked_rounds": 1}, progress=False)
+  two, rep2 = defend(Chain(), v, images, config={**cfg, "ranked_rounds": 3}, progress=False)
   assert rep1["feature_passes"] == 1
   # round 2 ran on the modified network, found nothing more, and round 3 never ran
   assert rep2["feature_passes"] == 2
@@ -97,10 +97,10 @@ def test_later_rounds_repeat_on_the_modified_network_without_repeating_a_removal
     np.testing.assert_allclose(two["params"][name]["kernel"], one["params"][name]["kernel"])
 
 
-def test_a_clean_model_takes_one_round_whatever_rounds_says():
+def test_a_clean_model_takes_one_round_whatever_ranked_rounds_says():
   images = np.random.default_rng(0).normal(size=(4000, 3, 2, 2)).astype(np.float32)
   _, v, _ = _case()
-  _, rep = defend(Chain(), v, images, config={"mode": "ranked", "rounds": 3},
+  _, rep = defend(Chain(), v, images, config={"mode": "ranked", "ranked_rounds": 3},
                   progress=False)
   assert rep["feature_passes"] == 1 and rep["directions_kept"] == 0
 

@@ -32,7 +32,7 @@ class DRRConfig:
   `layers`: None (every layer) or a list/tuple of layer names, held as a tuple (`to_dict`
   gives it back as a list). A plain string is rejected rather than read as one name (or
   split into characters): write ['stage1_block1/conv1'].
-  Integer settings (steps, rounds, batch_size, confirm_samples) take integers or integral
+  Integer settings (steps, rounds, ranked_rounds, batch_size, confirm_samples) take integers or integral
   floats (200.0), which `int()` reads; `k` and `seed` take integers only.
   """
   side: str = "sites"         # 'sites': remove a feature's direction wherever the
@@ -65,14 +65,14 @@ class DRRConfig:
                               # original network, removed least collateral first
                               # (ranking.py); 'sequential' (Algorithm 1's layer order);
                               # 'one_pass'.
-  rounds: int = 2             # sequential: revisit a layer, with re-extracted features,
-                              # up to this many times while directions are still kept;
-                              # ranked: repeat the ranking on the modified network
-                              # while the last round kept something
-  residual_tail: bool = True   # ranked, rounds > 1: a later round also tries, at every
-                              # unit, the mean difference of the residual tail (removed-
-                              # tail images still predicted as the original network did)
-                              # and the rest, with the later round's gates
+  rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
+                              # up to this many times while directions are still kept
+  ranked_rounds: int = 2      # ranked: rankings, each on the network as the last one
+                              # left it, while the last one kept something
+  residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
+                              # at every unit, the mean difference of the residual tail
+                              # (removed-tail images still predicted as the original
+                              # network did) and the rest, with the later round's gates
   batch_size: int = 500       # images per forward pass while extracting features
   layers: tuple[str, ...] | None = None  # optional layer names to consider (default: all)
   skip_classifier: bool = True  # never project the last layer's input (class directions)
@@ -208,6 +208,9 @@ def _validate(cfg: DRRConfig) -> None:
   _integer("rounds", cfg.rounds)
   if int(cfg.rounds) < 1:
     raise DefenseError(f"rounds must be >= 1, got {cfg.rounds!r}")
+  _integer("ranked_rounds", cfg.ranked_rounds)
+  if int(cfg.ranked_rounds) < 1:
+    raise DefenseError(f"ranked_rounds must be >= 1, got {cfg.ranked_rounds!r}")
   _real("min_tail_flip", cfg.min_tail_flip)
   _integer("confirm_samples", cfg.confirm_samples)
   if not 0.0 <= cfg.min_tail_flip <= 1.0 or cfg.confirm_samples < 2:

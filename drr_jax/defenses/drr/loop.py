@@ -10,7 +10,7 @@ direction is also tried at the other readers of the same channels (`readers.carr
 shape are optimized together in one vmapped program, and the kept directions are
 projected at the end.
 'ranked': every unit's candidates are confirmed on the original network's features, then
-removed least collateral first (`ranking`); with `rounds` > 1 the ranking is repeated on
+removed least collateral first (`ranking`); with `ranked_rounds` > 1 the ranking is repeated on
 the network as modified so far, while the last round kept something.
 """
 from __future__ import annotations
@@ -130,13 +130,13 @@ def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
 
 def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
   """Every unit's candidates confirmed alone on the network; those that pass, removed
-  least collateral first (`ranking.select`). With `rounds` > 1, repeated on the network
+  least collateral first (`ranking.select`). With `ranked_rounds` > 1, repeated on the network
   as modified so far while the last round kept something."""
   entries: list[dict[str, Any]] = []
   original = run.confirmer.base(variables)
   lost: dict[str, list[np.ndarray]] = {}
   passes = 0
-  for r in range(int(run.cfg.rounds)):
+  for r in range(int(run.cfg.ranked_rounds)):
     later = (None if r == 0 else ranking.Later(original, state.removed_tails))
     variables, kept, state, round_entries = _ranked_round(run, variables, state, lost,
                                                           later)

@@ -9,7 +9,7 @@ takes the trigger out where the network reads it most narrowly. After the first 
 a further candidate is kept only if it changes most of what is left of its tail: the
 tail images whose prediction is still the original one (`Confirmer.check_residual`).
 
-With `rounds` > 1 the whole ranking is repeated on the network as modified so far, while
+With `ranked_rounds` > 1 the whole ranking is repeated on the network as modified so far, while
 the last round kept something (`loop.ranked`). A later round's candidate is scored by what
 it does to the tail images that still predict as the original network did, and must aim
 at the images already removed (`tail_overlap`): it finishes a backdoor's removal, it does
