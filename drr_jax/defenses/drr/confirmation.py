@@ -109,13 +109,17 @@ class Confirmer:
     flip, collateral, _ = self._flips(variables, trial, tail, rows)
     return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
 
-  def check(self, variables: Any, trial: Any, tail: np.ndarray) -> dict[str, float]:
+  def check(self, variables: Any, trial: Any, tail: np.ndarray,
+            original: np.ndarray | None = None) -> dict[str, float]:
     """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
     the defense set. The trial predicts only the tail images and the non-tail ones among
     `side`, not the whole confirmation set. Also recorded, for analysis (no decision reads
     them): the share of the tail that the network puts in the tail's majority class, and
     the flip among those images (a backdoor that acts on part of its poison can flip at
-    most that part)."""
+    most that part). With `original` (the original network's predictions), also the
+    residual statistics of `check_residual` from the same predictions: how many tail
+    images the network still predicts as the original did, and the share of them the
+    trial changes."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
     changed = self._changed(variables, trial, rows) if len(rows) else None
@@ -127,4 +131,8 @@ class Confirmer:
       major = base == np.bincount(base).argmax()
       out["majority_share"] = float(np.mean(major))
       out["majority_flip"] = float(np.mean(changed[major]))
+    if original is not None:
+      still = self.base(variables)[rows] == original[rows]
+      out["residual"] = int(still.sum())
+      out["residual_flip"] = float(np.mean(changed[still])) if still.any() else 0.0
     return out

@@ -91,12 +91,11 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
     benign = means[~tail].mean(0).astype(np.float64)
     trial, mean_kept, coverage = run.removal.project(
         variables, unit, v[:, None].astype(np.float32), benign, coverage)
-    stats = run.confirmer.check(variables, trial, tail)
+    stats = run.confirmer.check(variables, trial, tail,
+                                None if later is None else later.original)
     stats.update(column=int(j), mean_kept=mean_kept)
     if later is not None:
-      check = run.confirmer.check_residual(later.original, variables, trial, tail)
-      stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
-                   overlap=candidates.tail_overlap(later.removed_tails, tail))
+      stats["overlap"] = candidates.tail_overlap(later.removed_tails, tail)
     scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
 
