@@ -22,9 +22,7 @@ import importlib.util
 import inspect
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from drr_jax import utils
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -226,32 +226,20 @@ def save_variables(variables: Any, like: Variables, out: str | os.PathLike) -> P
     tree = tree["params"]
   if like.format == "msgpack":
     from flax import serialization
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(serialization.to_bytes(tree))
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, out)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    with utils.atomic_path(out) as tmp, open(tmp, "wb") as f:
+      f.write(serialization.to_bytes(tree))
+      f.flush()
+      os.fsync(f.fileno())
     return out
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
-  try:
-    if like.format == "orbax-run":
-      from drr_jax import checkpoint
-      checkpoint.save(checkpoint.manager(tmp / "out" / "checkpoints", keep=1), 0,
-                      {"model": tree})
-    else:
-      import orbax.checkpoint as ocp
-      ckptr = ocp.StandardCheckpointer()
-      ckptr.save((tmp / "out").absolute(), tree)
-      ckptr.wait_until_finished()
-    os.replace(tmp / "out", out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  if like.format == "orbax-run":
+    from drr_jax import checkpoint
+    with utils.atomic_dir(out) as tmp:
+      checkpoint.save(checkpoint.manager(tmp / "checkpoints", keep=1), 0, {"model": tree})
+  else:  # orbax writes the folder atomically itself (a temporary name, then a rename)
+    import orbax.checkpoint as ocp
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(out.absolute(), tree)
+    ckptr.wait_until_finished()
   return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,15 @@ class CheckpointError(RuntimeError):
 def manager(directory: str | os.PathLike, keep: int = 2, create: bool = True
             ) -> ocp.CheckpointManager:
   directory = Path(directory).absolute()
+  if directory.is_file():
+    raise CheckpointError(f"checkpoint folder {directory} is a file, not a folder: give "
+                          "a run folder (launch.train's --workdir) or its checkpoints/")
   if not create and not directory.is_dir():
     raise CheckpointError(f"checkpoint folder {directory} does not exist")
+  if create:  # a writer removes the debris of a save killed midway (orbax's tmp names);
+    # here, not in orbax's background cleanup, which can race with a restore
+    for debris in directory.glob("*.orbax-checkpoint-tmp*"):
+      shutil.rmtree(debris, ignore_errors=True)
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                       enable_async_checkpointing=False)
   handlers = {name: ocp.StandardCheckpointHandler() for name in ITEMS}
@@ -47,6 +55,21 @@ def _abstract(mngr: ocp.CheckpointManager, step: int, name: str) -> Any:
   if tree is None:
     raise CheckpointError(f"{mngr.directory} step {step} has no item {name!r}")
   return jax.tree.map(lambda m: _on_local_device(m.shape, m.dtype), tree)
+
+
+def _unreadable(directory: Path, step: int, names, e: BaseException,
+                metadata: bool = False) -> CheckpointError:
+  """One line for an orbax/TensorStore failure: the item whose files it names (else the
+  items asked for), and the error's first words without the store's spec."""
+  text = str(e)
+  bad = [n for n in ITEMS if f"{os.sep}{step}{os.sep}{n}{os.sep}" in text]
+  names = bad[:1] or sorted(n for n in names if n != "meta")
+  what = ("the metadata of " if metadata else "") + (
+      f"item {names[0]!r}" if len(names) == 1 else f"the items {names}")
+  text = re.split(r"See full TensorStore details|\[?tensorstore_spec", text)[0]
+  text = " ".join(text.split())[:300]
+  return CheckpointError(f"cannot read {what} of {directory} step {step} (damaged, "
+                         f"incomplete or of another model): {type(e).__name__}: {text}")
 
 
 def _on_local_device(shape, dtype) -> jax.ShapeDtypeStruct:
@@ -103,8 +126,6 @@ def restore(directory: str | os.PathLike, targets: dict[str, Any | None],
   or None to restore as saved. 'meta' is always JSON.
   """
   directory = Path(directory).absolute()
-  if not directory.is_dir():
-    raise CheckpointError(f"checkpoint folder {directory} does not exist")
   mngr = manager(directory, create=False)
   step = mngr.latest_step() if step is None else step
   if step is None:
@@ -113,23 +134,24 @@ def restore(directory: str | os.PathLike, targets: dict[str, Any | None],
   for name, target in targets.items():
     if name == "meta":
       args[name] = ocp.args.JsonRestore()
-    elif target is None:
-      try:
-        args[name] = ocp.args.StandardRestore(_abstract(mngr, step, name))
-      except CheckpointError:
-        raise
-      except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the metadata of {name!r} in {directory} "
-                              f"step {step}: {type(e).__name__}: {e}") from e
+      continue
+    try:
+      saved = _abstract(mngr, step, name)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      raise _unreadable(directory, step, [name], e, metadata=True) from e
+    if target is None:
+      args[name] = ocp.args.StandardRestore(saved)
     else:
+      if name == "model":  # shapes first, so that a mismatch names the parameter
+        check_fits(saved, target, f"{directory} step {step} item {name!r}")
       args[name] = ocp.args.StandardRestore(
           jax.tree.map(lambda x: _on_local_device(np.shape(x), x.dtype), target))
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # orbax raises many types for damaged or mismatched files
-    raise CheckpointError(
-        f"cannot restore {sorted(targets)} from {directory} step {step}: "
-        f"{type(e).__name__}: {str(e)[:500]}") from e
+    raise _unreadable(directory, step, targets, e) from e
   for name, target in targets.items():
     if target is not None and name != "meta":
       check_fits(out[name], target, f"{directory} step {step} item {name!r}")
@@ -182,8 +204,9 @@ def verify(directory: str | os.PathLike, step: int, items: dict[str, Any]) -> No
 
 def seal(folder: str | os.PathLike) -> Path:
   """Adds array digests to a checkpoint written before they existed (every step, in
-  place, each step replaced atomically). Only for checkpoints you trust: whatever the
-  arrays hold now is what later loads will be checked against."""
+  place). Only for checkpoints you trust: whatever the arrays hold now is what later
+  loads will be checked against. Each step gains its 'digest' item in one rename, so a
+  killed seal leaves the checkpoint as it was (and loadable once sealed again)."""
   directory = Path(folder)
   if (directory / "checkpoints").is_dir():
     directory = directory / "checkpoints"
@@ -191,18 +214,12 @@ def seal(folder: str | os.PathLike) -> Path:
   for step in mngr.all_steps():
     if (directory / str(step) / DIGEST).is_dir():
       continue
-    names = [n for n in (*ITEMS, "meta") if (directory / str(step) / n).is_dir()]
-    args = {n: (ocp.args.JsonRestore() if n == "meta"
-                else ocp.args.StandardRestore(_abstract(mngr, step, n))) for n in names}
+    names = [n for n in ITEMS if (directory / str(step) / n).is_dir()]
+    args = {n: ocp.args.StandardRestore(_abstract(mngr, step, n)) for n in names}
     items = dict(mngr.restore(step, args=ocp.args.Composite(**args)))
-    tmp = directory.parent / f".{directory.name}.seal-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(manager(tmp, keep=1), step, items)
-    old = directory / f".{step}.unsealed"
-    os.replace(directory / str(step), old)
-    os.replace(tmp / str(step), directory / str(step))
-    shutil.rmtree(old)
-    shutil.rmtree(tmp)
+    ckptr = ocp.Checkpointer(ocp.JsonCheckpointHandler())  # writes to a temporary name
+    ckptr.save((directory / str(step) / DIGEST).absolute(),
+               args=ocp.args.JsonSave({k: array_digests(v) for k, v in items.items()}))
   return Path(folder)
 
 

@@ -10,7 +10,6 @@ import concurrent.futures
 import hashlib
 import io
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -19,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from drr_jax import utils
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -47,6 +48,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         f"No CIFAR-10 folder given: pass --data_dir or set ${DATA_ENV} to the folder "
         "holding cifar10-train.zip and cifar10-test.zip (e.g. ../shared/data).")
   path = Path(data_dir).expanduser()
+  if path.is_file():
+    raise DataError(f"CIFAR-10 folder {path} is a file, not a folder: give the folder "
+                    f"that holds cifar10-train.zip and cifar10-test.zip"
+                    + (f" ({path.parent})" if path.suffix == ".zip" else "") + ".")
   if not path.is_dir():
     raise DataError(f"CIFAR-10 folder {path} does not exist: pass --data_dir or set "
                     f"${DATA_ENV} to the folder holding cifar10-train.zip and "
@@ -144,16 +149,9 @@ def _read_cache(path: Path) -> Split | None:
 
 
 def _write_cache(path: Path, split: Split) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=split.images, labels=split.labels,
-               digest=_digest(split.images, split.labels), format=_CACHE_FORMAT)
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, images=split.images, labels=split.labels,
+             digest=_digest(split.images, split.labels), format=_CACHE_FORMAT)
 
 
 def digest(images: np.ndarray, labels: np.ndarray) -> str:

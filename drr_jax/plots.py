@@ -3,15 +3,15 @@
 Top: DRR's criterion (the skewness of the best direction) per layer, the layers where a
 direction was kept marked. Bottom: a few triggered images with the model's predictions
 before and after the defense. Matplotlib with the Agg backend (no display needed); the
-file is written atomically (a temporary file in the same folder, then `os.replace`).
+file is written atomically (`utils.atomic_path`).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from drr_jax import utils
 
 
 def _name(classes: Sequence[str] | None, c: int) -> str:
@@ -77,15 +77,9 @@ def defense_figure(path: str, report: dict[str, Any] | None, images: np.ndarray 
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-  os.close(fd)
   try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with utils.atomic_path(path) as tmp:
+      fig.savefig(tmp, format="png")
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path

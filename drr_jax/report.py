@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from drr_jax import utils
 from drr_jax.experiment import check_record
 
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
@@ -205,7 +206,8 @@ def _by_model(records):
 
 def _save(fig, path: Path) -> None:
   # no Software/date metadata: the same records give the same bytes
-  fig.savefig(path, dpi=120, metadata={"Software": None})
+  with utils.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
 
 
 def fig_c_per_layer(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -397,6 +399,11 @@ def fig_zoo(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+def _write_text(path: Path, text: str) -> None:
+  with utils.atomic_path(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
+
+
 def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
                  ) -> tuple[dict[str, Path], list[str]]:
   """Writes table.md and both figures for the records in results_dir (to out_dir, by
@@ -410,12 +417,12 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
   if all(r.get("analysis") is None for r in records):  # the zoo: no per-layer analysis
     records = sorted(records, key=lambda r: r["cell_id"])
     paths = {"table": out / "table.md", "fig_zoo": out / "fig_zoo.png"}
-    paths["table"].write_text(zoo_markdown(records), encoding="utf-8")
+    _write_text(paths["table"], zoo_markdown(records))
     fig_zoo(records, paths["fig_zoo"])
     return paths, warnings
   paths = {"table": out / "table.md", "fig_C": out / "fig_C_per_layer.png",
            "fig_tau": out / "fig_tau_sweep.png"}
-  paths["table"].write_text(markdown(records), encoding="utf-8")
+  _write_text(paths["table"], markdown(records))
   fig_c_per_layer(records, paths["fig_C"])
   fig_tau_sweep(records, paths["fig_tau"])
   return paths, warnings

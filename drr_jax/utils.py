@@ -1,31 +1,63 @@
-"""Small helpers: atomic JSON writes, JSON-safe values, and where a result came from
-(machine, git commit)."""
+"""Small helpers: atomic writes, JSON-safe values, and where a result came from
+(machine, git commit).
+
+Every file and folder the project writes goes through `atomic_path` or `atomic_dir`:
+written under a hidden temporary name beside its destination ('.<name>.<random>.tmp'),
+then renamed into place in one step. A writer killed at any point leaves the old
+destination (or none) and at most such hidden debris, which no reader looks at.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temporary file in the same folder, then renames it into place."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary file beside `path` to write; renames it to `path` when the block
+  ends without error (replacing any old file), deletes it otherwise."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  os.close(fd)
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1, default=float)
+    yield Path(tmp)
     os.replace(tmp, path)
-  except BaseException:
+  finally:
     Path(tmp).unlink(missing_ok=True)
-    raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+  """Yields an empty temporary folder beside `path` to fill; renames it to `path` (which
+  must not exist) when the block ends without error, deletes it otherwise."""
+  path = Path(path)
+  parent = path.absolute().parent
+  parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+  try:
+    yield tmp
+    if path.exists():
+      raise FileExistsError(f"{path} appeared while it was being written")
+    os.rename(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically (`atomic_path`)."""
+  with atomic_path(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=float)
 
 
 def machine_description() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import stat
 import sys
@@ -67,7 +68,8 @@ def add_debug_flag(p: argparse.ArgumentParser) -> None:
 
 
 def check_folder(path: str | None, flag: str) -> None:
-  """Refuses (ValueError) a folder argument that is empty or names an existing file."""
+  """Refuses (ValueError) an output folder argument that is empty, names an existing
+  file, or cannot be written (itself, or the nearest folder above it that exists)."""
   if path is None:
     return
   if not path.strip():
@@ -75,11 +77,26 @@ def check_folder(path: str | None, flag: str) -> None:
   try:
     is_dir = stat.S_ISDIR(os.stat(path).st_mode)
   except FileNotFoundError:
-    return  # made when needed
+    is_dir = None  # made when needed
   except OSError as e:  # a name too long, a file on the way (NotADirectoryError), ...
     raise ValueError(f"{flag} {path}: {e.strerror or e}") from e
-  if not is_dir:
+  if is_dir is False:
     raise ValueError(f"{flag} {path} is a file, not a folder")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"{flag} {path}: folder {existing} is not writable")
+
+
+@contextlib.contextmanager
+def output_named(path, flag: str = "--out"):
+  """Turns an OSError while writing the output `path` (a full disk, a folder that
+  became unwritable) into a ValueError naming it (one line from the CLI)."""
+  try:
+    yield
+  except OSError as e:
+    raise ValueError(f"cannot write {flag} {path}: {e.strerror or e}") from e
 
 
 def fail(e: BaseException, debug: bool) -> None:

@@ -33,11 +33,12 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from drr_jax import assets, attacks, checkpoint, configs, datasets, evaluate, utils
 from drr_jax.defenses import METHODS, DefenseError, get_defense
-from launch.common import USER_ERRORS, add_debug_flag, fail, parser
+from launch.common import USER_ERRORS, add_debug_flag, fail, output_named, parser
 
 PRESETS = ("drr", "paper")  # --preset, kept as an alias of --method for these two
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,8 +172,10 @@ def _run(args: argparse.Namespace) -> dict:
     return _defend_assets(args, method, defense, drr_cfg)
   out = args.out or _free_out(os.path.join(
       "runs", os.path.basename(os.path.normpath(args.checkpoint)) + f"-{method}"))
-  if os.path.exists(out):
-    sys.exit(f"error: {out} already exists; choose another --out")
+  try:
+    assets.check_output(out)  # it exists, or cannot be written: before any work
+  except assets.AssetError as e:
+    sys.exit(f"error: {e}")
   try:
     drr_cfg = configs.override(defense.default_config(), args.set)
     defense.check(drr_cfg)  # every setting checked before anything is loaded
@@ -221,18 +224,20 @@ def _run(args: argparse.Namespace) -> dict:
             "clean_data": "val" if defense.needs_clean else None, "before": before,
             "after": after, "plain_pass_seconds": plain_seconds,
             "machine": utils.machine_description()}
-  mngr = checkpoint.manager(os.path.join(out, "checkpoints"), keep=1)
-  checkpoint.save(mngr, 0, {"model": defended, "attack": record,
-                            "meta": {**meta, "defense": result}})
-  utils.write_json_atomic(os.path.join(out, "result.json"), result)
-  print(f"defended checkpoint written to {out}")
   name = os.path.basename(os.path.normpath(args.checkpoint))
-  try:
-    fig = _figure(os.path.join(out, "defense.png"), model, variables, defended, report,
-                  ds.val, trigger, acfg, f"{method} on {name}")
-    print(f"figure written to {fig}")
-  except (ValueError, ImportError) as e:
-    print(f"no figure: {e}")
+  # the whole folder appears at once, or not at all; a full disk is named as --out's
+  with output_named(out), utils.atomic_dir(out) as staged:
+    mngr = checkpoint.manager(staged / "checkpoints", keep=1)
+    checkpoint.save(mngr, 0, {"model": defended, "attack": record,
+                              "meta": {**meta, "defense": result}})
+    utils.write_json_atomic(staged / "result.json", result)
+    try:
+      _figure(str(staged / "defense.png"), model, variables, defended, report, ds.val,
+              trigger, acfg, f"{method} on {name}")
+      figure = os.path.join(out, "defense.png")
+    except (ValueError, ImportError) as e:
+      figure = f"none ({e})"
+  print(f"defended checkpoint written to {out}; figure: {figure}")
   return result
 
 
@@ -342,7 +347,17 @@ def _load_own(args, method):
       lambda v: assets.save_variables(v, loaded, out)), {"format": loaded.format}
 
 
+def _check_finite(variables, source: str) -> None:
+  """Refuses variables that hold NaN or Inf, naming them."""
+  bad = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(variables)
+         if np.issubdtype(np.asarray(a).dtype, np.floating)
+         and not np.all(np.isfinite(np.asarray(a)))]
+  if bad:
+    raise assets.AssetError(f"{source}: NaN or Inf in {', '.join(bad[:5])}")
+
+
 def _defend_assets(args, method, defense, cfg) -> dict:
+  from drr_jax.defenses.common import check_labels
   from drr_jax.defenses.drr.inputs import check_fit
   try:
     if args.out:
@@ -350,6 +365,7 @@ def _defend_assets(args, method, defense, cfg) -> dict:
     loader = _load_torch if args.torch_checkpoint else _load_own
     model, variables, images, out, write, info = loader(args, method)
     assets.check_output(out)
+    _check_finite(variables, args.variables or args.torch_checkpoint)
     check_fit(model, variables, images.shape[1:])
     sets = _eval_sets(args, images.shape[1:])
     clean = None
@@ -360,6 +376,15 @@ def _defend_assets(args, method, defense, cfg) -> dict:
       if c.labels is None:
         raise assets.AssetError(f"--clean_data {args.clean_data}: has no labels")
       clean = (c.images, c.labels)
+    labelled = [("--clean_eval", sets["acc"].labels if "acc" in sets else None),
+                ("--triggered_eval", sets["asr"].labels if "asr" in sets else None),
+                ("--clean_data", clean[1] if clean else None)]
+    for flag, labels in labelled:  # every label (and --target): one of the model's classes
+      if labels is not None:
+        check_labels(labels, model, variables, images.shape[1:],
+                     f"{flag} {getattr(args, flag[2:])}: its labels")
+    if args.target is not None:
+      check_labels([args.target], model, variables, images.shape[1:], "--target")
   except (assets.AssetError, DefenseError) as e:
     sys.exit(f"error: {e}")
   print(f"{method}: {len(images)} images of shape {images.shape[1:]}")
@@ -372,7 +397,8 @@ def _defend_assets(args, method, defense, cfg) -> dict:
   print(defense.format_report(report))
   if before:
     print(_table(before, after))
-  write(defended)
+  with output_named(out):
+    write(defended)
   print(f"defended variables written to {out}")
   return {"method": method, "source": args.torch_checkpoint or args.variables,
           "out": str(out), "report": report, "before": before, "after": after, **info}

@@ -38,9 +38,10 @@ def _run(args: argparse.Namespace) -> dict:
   check_folder(args.workdir, "--workdir")
   workdir = args.workdir or os.path.join(
       "runs", f"{config['model']['name']}-{config['attack']['name']}-{config['preset']}")
+  check_folder(workdir, "--workdir")  # the default one too: writable
   if not args.resume and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    sys.exit(f"{workdir} already holds a run: pass --resume to continue it, or choose "
-             "another --workdir")
+    sys.exit(f"error: --workdir {workdir} already holds a run: pass --resume to "
+             "continue it, or choose another --workdir")
   t0 = time.time()
   ds = datasets.load(config, args.data_dir)
   poisoned = ("per batch, by its generator" if ds.train is None

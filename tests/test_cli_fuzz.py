@@ -89,7 +89,7 @@ CASES = [
     ("train", ["--set", "data.val_fraction=1"], "data.val_fraction"),
     ("train", ["--data_dir", ""], "CIFAR-10"),
     ("train", ["--data_dir", "{missing}"], "does not exist"),
-    ("train", ["--data_dir", "{file}"], "does not exist"),
+    ("train", ["--data_dir", "{file}"], "not a folder"),
     ("train", ["--data_dir", LONG], None),
     ("train", ["--data_dir", "{empty}"], "missing"),
     ("train", ["--workdir", "{file}"], "--workdir"),
@@ -108,7 +108,7 @@ CASES = [
     ("evaluate", ["--checkpoint", "{ckpt}", "--batch_size", "-1"], "--batch_size"),
     ("evaluate", ["--checkpoint", "{ckpt}", "--batch_size", "nan"], USAGE),
     ("evaluate", ["--checkpoint", "{ckpt}", "--batch_size", "1e309"], USAGE),
-    ("evaluate", ["--checkpoint", "{ckpt}", "--data_dir", "{file}"], "does not exist"),
+    ("evaluate", ["--checkpoint", "{ckpt}", "--data_dir", "{file}"], "not a folder"),
     ("evaluate", ["--checkpoint", "{ckpt}", "--data_dir", ""], "CIFAR-10"),
     ("evaluate", ["--checkpoint", "{ckpt}"], "missing"),  # $DRR_DATA_DIR: no zips
     # --- launch.defend (a free --out unless the case is about --out)
@@ -141,7 +141,7 @@ CASES = [
     ("defend", ["--checkpoint", "{ckpt}", "--method", "fp", "--set", "nope=1"],
      "unknown key"),
     ("defend", ["--checkpoint", "{ckpt}", "--out", "{file}"], "already exists"),
-    ("defend", ["--checkpoint", "{ckpt}", "--data_dir", "{file}"], "does not exist"),
+    ("defend", ["--checkpoint", "{ckpt}", "--data_dir", "{file}"], "not a folder"),
     ("defend", ["--checkpoint", "{ckpt}"], "missing"),  # $DRR_DATA_DIR: no zips
     ("defend", ["--model", ""], "--model"),
     ("defend", ["--model", "pkg:Net"], "--model needs"),
@@ -163,7 +163,7 @@ CASES = [
     ("experiment", ["--grid", "nope"], USAGE),
     ("experiment", ["--data_dir", ""], "CIFAR-10"),
     ("experiment", ["--data_dir", "{missing}"], "does not exist"),
-    ("experiment", ["--data_dir", "{file}"], "does not exist"),
+    ("experiment", ["--data_dir", "{file}"], "not a folder"),
     ("experiment", ["--data_dir", LONG], None),
     ("experiment", ["--grid", "tiny", "--only", "zzz"], "no cell"),
     ("experiment", ["--grid", "tiny", "--only", UNI], "no cell"),

@@ -195,6 +195,7 @@ def defend(model: nn.Module, variables: Mapping[str, Any], batch: Any = None, *,
     raise DefenseError("ANP runs the BatchNorms on batch statistics (train=True), which "
                        "needs a Linen module, not an apply function")
   check_fit(model, variables, images.shape[1:])
+  common.check_labels(labels, model, variables, images.shape[1:])
   found = norms.find(model, variables, images.shape[1:])
   if not found:
     raise DefenseError("ANP perturbs BatchNorm channels, and the model has no BatchNorm")

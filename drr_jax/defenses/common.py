@@ -68,6 +68,26 @@ def clean_data(clean: Any, method: str, *, minimum: int = 2, model: Any = None
   return images, labels.astype(np.int32)
 
 
+def check_labels(labels: Any, model: Any, variables: Any, image_shape: tuple[int, ...],
+                 what: str = "clean labels") -> None:
+  """Raises DefenseError unless every label is one of the model's classes (0 .. its
+  number of outputs - 1); a model whose output is not (N, classes) is not checked."""
+  import jax.numpy as jnp
+
+  from drr_jax import features
+  labels = np.asarray(labels).reshape(-1)
+  out = jax.eval_shape(features.as_apply_fn(model), variables,
+                       jnp.zeros((1, *image_shape), jnp.uint8))
+  if not len(labels) or len(getattr(out, "shape", ())) != 2:
+    return
+  n = int(out.shape[-1])
+  lo, hi = int(np.min(labels)), int(np.max(labels))
+  if lo < 0 or hi >= n:
+    got = str(lo) if lo == hi else f"{lo}..{hi}"
+    raise DefenseError(f"{what} must be in 0..{n - 1} (the model's {n} classes), got "
+                       f"{got}")
+
+
 def subset(n: int, size: int, seed: int, skip: np.ndarray | None = None) -> np.ndarray:
   """`size` random indices of range(n) (all of them, shuffled, if n <= size), sorted,
   avoiding `skip`."""

@@ -80,6 +80,7 @@ def run(method: str, cfg: Mapping[str, Any], sources: Mapping[str, str],
   images, labels = common.clean_data(clean, method, model=model)
   head.require_module(model, cfg, method)
   check_fit(model, variables, images.shape[1:])
+  common.check_labels(labels, model, variables, images.shape[1:])
   t0 = time.time()
   h = head.read(model, variables, images, batch_size=int(cfg["batch_size"]),
                 progress=progress)

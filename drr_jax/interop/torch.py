@@ -42,7 +42,6 @@ import collections
 import dataclasses
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from drr_jax import utils
 from drr_jax.models.common import CIFAR10_MEAN, CIFAR10_STD
 from drr_jax.models.preact_resnet import PreActResNet
 from drr_jax.models.resnet import ResNet
@@ -648,19 +648,10 @@ def load_attack_result(path: str | os.PathLike, *, normalization: str | tuple | 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
   torch = _torch()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      torch.save(obj, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    torch.save(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def save_attack_result_model(path_in: str | os.PathLike, path_out: str | os.PathLike,

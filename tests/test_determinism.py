@@ -1,0 +1,60 @@
+"""`defend` with the same inputs and seed gives bit-identical params and reports on CPU in
+two separate processes (fresh compilation, fresh PRNG state): the defaults, and a setting
+that folds directions (so the equality covers the search, the confirmation and the fold).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tests import killing
+
+SCRIPT = """
+import json
+import jax, numpy as np
+import drr_jax
+from tests.tiny_net import TinyNet
+
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (512, 32, 32, 3)).astype(np.uint8)
+images[:51, -4:, -4:] = 255  # a 10 % group with a white corner patch
+model = TinyNet(width=8)
+variables = model.init(jax.random.key(0), images[:2])
+out = {"initial" + jax.tree_util.keystr(path): np.asarray(leaf)
+       for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+def timeless(obj):  # the report without its timings
+  if isinstance(obj, dict):
+    return {k: timeless(v) for k, v in obj.items() if "seconds" not in k}
+  if isinstance(obj, (list, tuple)):
+    return [timeless(v) for v in obj]
+  return obj
+
+for name, config in (("defaults", None), ("folding", {"mode": "one_pass", "confirm": False, "tau": 0.5})):
+  defended, report = drr_jax.defend(model, variables, images, config=config,
+                                    progress=False)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(defended):
+    out[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
+  out[name + " report"] = np.frombuffer(
+      json.dumps(timeless(report), sort_keys=True, default=str).encode(), np.uint8)
+np.savez(OUT, **out)
+"""
+
+
+def _run(path):
+  proc = killing.run(f"OUT = {str(path)!r}\n" + SCRIPT)
+  assert proc.returncode == 0, proc.stderr
+  return dict(np.load(path))
+
+
+def test_defend_is_bit_identical_across_processes(tmp_path):
+  first, second = _run(tmp_path / "a.npz"), _run(tmp_path / "b.npz")
+  assert sorted(first) == sorted(second)
+  for name in first:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+  report = json.loads(first["folding report"].tobytes())
+  assert report["directions_kept"] > 0, report  # the equality covers a real fold
+  changed = [k for k in first if k.startswith("folding[") and not np.array_equal(
+      first[k], first["initial" + k[len("folding"):]])]
+  assert changed, "the folding setting changed no parameter"
