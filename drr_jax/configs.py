@@ -44,8 +44,7 @@ def get_config(preset: str = "cpu") -> dict[str, Any]:
 
 
 def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-  """Applies 'a.b=value' strings; values are parsed as Python literals when they can be."""
-  import ast
+  """Applies 'a.b=value' strings; values are read by `_value`."""
   config = copy.deepcopy(config)
   for item in assignments:
     key, sep, raw = item.partition("=")
@@ -62,11 +61,24 @@ def override(config: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     if isinstance(node[leaf], dict):
       raise KeyError(f"override {item!r}: {key!r} is a section; set its keys "
                      f"({key}.KEY=VALUE)")
-    try:
-      node[leaf] = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      node[leaf] = raw
+    node[leaf] = _value(raw)
   return config
+
+
+def _value(raw: str) -> Any:
+  """A command-line value: a Python literal where it is one (1.5, True, None, 'a'), a
+  list of such values or bare words in brackets ([conv1, conv2]), else the text itself
+  (so strings need no quotes: mode=one_pass)."""
+  import ast
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    pass
+  text = raw.strip()
+  if text.startswith("[") and text.endswith("]"):
+    inner = text[1:-1].strip()
+    return [_value(part.strip()) for part in inner.split(",")] if inner else []
+  return raw
 
 
 def _number(config, path, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False):

@@ -93,3 +93,18 @@ def test_inference_and_the_defense_do_not_import_the_attacks():
     assert not any(m == "drr_jax.attacks" or m.startswith("drr_jax.attacks.")
                    for m in loaded), loaded
     assert "drr_jax.evaluate" not in loaded, loaded
+
+
+@pytest.mark.parametrize("raw, value", [
+    ("one_pass", "one_pass"),            # a string needs no quotes
+    ("'one_pass'", "one_pass"),          # and may have them
+    ("1.5", 1.5), ("2", 2), ("True", True), ("None", None),
+    ("[conv1,conv2]", ["conv1", "conv2"]),  # bare words in a list
+    ("[stage1/conv1, 'head']", ["stage1/conv1", "head"]),
+    ("[]", []),
+    ("nan", "nan"),                      # not a literal: left for the checks to refuse
+])
+def test_command_line_values_are_read_without_quoting(raw, value):
+  from drr_jax import configs
+  got = configs.override(default_config(), [f"layers={raw}"])["layers"]
+  assert got == value and type(got) is type(value)
