@@ -1,10 +1,11 @@
 r"""Defend a model (DRR, or a baseline); report ACC/ASR before/after.
 
 With no arguments: DRR on the committed backdoored checkpoint
-(artifacts/wrn28_1-badnets-cpu, WRN-28-1 with a BadNets backdoor) and the CIFAR-10 zips in
-$DRR_DATA_DIR; the defended checkpoint, result.json and defense.png (the per-layer
-criterion and a few triggered images with their predictions before/after) go to
-runs/wrn28_1-badnets-cpu-drr (-2, -3, ... added if that folder exists).
+artifacts/checkpoints/ho-r18-badnets5-bl-t9-p5 (ResNet-18 x0.25, BadNets 5x5 patch, 5 %
+poison, a held-out model of the zoo: DRR's settings were never chosen on it) and the
+CIFAR-10 zips in $DRR_DATA_DIR; the defended checkpoint, result.json and defense.png (the
+per-layer criterion and a few triggered images with their predictions before/after) go
+to runs/ho-r18-badnets5-bl-t9-p5-drr (-2, -3, ... added if that folder exists).
 
 A run of this project:
   python -m launch.defend --checkpoint artifacts/wrn28_1-badnets-cpu \
@@ -42,7 +43,8 @@ from launch.common import USER_ERRORS, add_debug_flag, fail, output_named, parse
 
 PRESETS = ("drr", "paper")  # --preset, kept as an alias of --method for these two
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "artifacts", "wrn28_1-badnets-cpu")
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "artifacts", "checkpoints",
+                                  "ho-r18-badnets5-bl-t9-p5")
 FIGURE_IMAGES = 6  # triggered validation images in defense.png
 
 
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
   src = p.add_argument_group("what to defend (one of)")
   src.add_argument("--checkpoint", help="a run folder written by launch.train (default, "
                    "when no source is given: the committed backdoored checkpoint "
-                   "artifacts/wrn28_1-badnets-cpu of this repository, wherever you run "
-                   "from)")
+                   "artifacts/checkpoints/ho-r18-badnets5-bl-t9-p5 of this repository, "
+                   "wherever you run from)")
   src.add_argument("--model", help="your Flax module: 'my_pkg.nets:Net' or "
                    "'path/nets.py:Net' (with --variables and --images)")
   src.add_argument("--torch_checkpoint", help="a BackdoorBench attack_result.pt")
