@@ -53,6 +53,12 @@ def defense_figure(path: str, report: dict[str, Any] | None, images: np.ndarray 
     ax.bar(x[kept], crit[kept], color="tab:red", label="direction kept (removed)")
     ax.set_xticks(x)
     ax.set_xticklabels([e["layer"] for e in layers], rotation=90, fontsize=6)
+    rounds = [e.get("round", 1) for e in layers]
+    for i in range(1, len(layers)):  # a later ranking round re-reads the modified network
+      if rounds[i] != rounds[i - 1]:
+        ax.axvline(i - 0.5, color="0.3", lw=0.8, ls="--")
+        ax.text(i - 0.3, 0.98, f"round {rounds[i]} (network after round {rounds[i - 1]})",
+                transform=ax.get_xaxis_transform(), fontsize=7, va="top")
     ax.set_ylabel("criterion (skewness)")
     ax.set_title("DRR criterion per layer (best direction)")
     ax.legend(fontsize=7, loc="upper left")
