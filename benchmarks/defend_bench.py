@@ -38,16 +38,27 @@ be a Flax module's import path, as `launch.defend --model` takes it
 uses random uint8 images instead of CIFAR-10 (for tests; the figures then mean little).
 Timings taken while other jobs run are not the machine's figures: take the full table
 on a quiet machine.
+
+Scaling (--devices 1 2 4 8): the runs again in one subprocess per device count, each
+started with XLA_FLAGS=--xla_force_host_platform_device_count=D (D virtual CPU devices;
+it must be set before JAX starts) and DRR_NUM_DEVICES=D (the first D devices, for a
+machine with several real ones); prints the seconds of each run per device count, the
+speed-up over the first count, and the directions kept (the same for every count).
+  .venv/bin/python benchmarks/defend_bench.py --n 2000 --models random:resnet18@0.25 \
+      --devices 1 2 4 8
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -61,7 +72,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 import jax  # noqa: E402
 
-from drr_jax import checkpoint, data, inference, stiefel, utils  # noqa: E402
+from drr_jax import checkpoint, data, inference, sharding, stiefel, utils  # noqa: E402
 from drr_jax.defenses import default_config, defend, paper_config  # noqa: E402
 from drr_jax.defenses.drr.confirmation import Confirmer  # noqa: E402
 from drr_jax.defenses.drr.removal import Removal  # noqa: E402
@@ -298,6 +309,7 @@ def environment() -> dict[str, Any]:
   return {"machine": utils.machine_description(), "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
+          "mesh_devices": sharding.batch_mesh().size,
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_avg": load_avg,
           "psutil": psutil is not None, "git": utils.git_commit(ROOT)}
 
@@ -363,7 +375,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="random uint8 images instead of CIFAR-10 (tests)")
   p.add_argument("--progress", action="store_true", help="tqdm bars on stderr")
   p.add_argument("--json", help="also write the figures here")
+  p.add_argument("--devices", type=int, nargs="+", metavar="D",
+                 help="scaling: every run once per device count, each in a subprocess "
+                 "with D devices (virtual CPU devices on a CPU), e.g. --devices 1 2 4 8")
   args = p.parse_args(argv)
+  if args.devices and min(args.devices) < 1:
+    p.error("--devices takes counts >= 1")
   if args.n < 2:
     p.error("--n must be at least 2")
   import ast
@@ -380,8 +397,85 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+# ------------------------------------------------------------------ scaling
+
+
+def _child_argv(args, json_path: str) -> list[str]:
+  """The flags of one device count's run: these arguments, less --devices."""
+  out = ["--models", *args.models, "--n", str(args.n), "--modes", *args.modes,
+         "--batch-size", str(args.batch_size), "--json", json_path]
+  for key, value in args.set.items():
+    out += ["--set", f"{key}={value!r}"]
+  return out + (["--synthetic"] if args.synthetic else []) + (
+      ["--progress"] if args.progress else [])
+
+
+def run_devices(args, devices: int) -> dict[str, Any]:
+  """This benchmark in a subprocess that sees `devices` devices; its JSON record."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = " ".join(f for f in flags.split()
+                   if not f.startswith("--xla_force_host_platform_device_count"))
+  env = {**os.environ, "DRR_NUM_DEVICES": str(devices),
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "bench.json")
+    proc = subprocess.run([sys.executable, __file__, *_child_argv(args, path)], env=env,
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"the run with {devices} device(s) failed "
+                         f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    with open(path) as f:
+      out = json.load(f)
+  out["mesh_devices"] = devices
+  return out
+
+
+def scaling_table(records: list[dict[str, Any]]) -> str:
+  """Seconds per run and device count, the speed-up over the first count, and what each
+  count kept."""
+  counts = [r["mesh_devices"] for r in records]
+  head = (f"{'model':36s} {'run':8s} "
+          + " ".join(f"{f'{d} dev s':>9s}" for d in counts)
+          + " " + " ".join(f"{f'x{d}':>6s}" for d in counts[1:])
+          + f"  {'kept (each count)':s}")
+  lines = [head, "-" * len(head)]
+  for i, res in enumerate(records[0]["results"]):
+    for mode in res["runs"]:
+      runs = [r["results"][i]["runs"][mode] for r in records]
+      secs = [r["seconds"] for r in runs]
+      kept = "/".join(str(r.get("directions_kept", "-")) for r in runs)
+      lines.append(f"{res['model'][:36]:36s} {mode:8s} "
+                   + " ".join(f"{s:9.1f}" for s in secs) + " "
+                   + " ".join(f"{secs[0] / s:6.2f}" for s in secs[1:]) + f"  {kept}")
+  lines.append("x D: seconds with the first count / seconds with D devices "
+               "(above 1: faster)")
+  return "\n".join(lines)
+
+
+def main_scaling(args) -> dict[str, Any]:
+  records = []
+  for d in args.devices:
+    print(f"{d} device(s) ...", file=sys.stderr, flush=True)
+    rec = run_devices(args, d)
+    seen = rec["environment"]["mesh_devices"]
+    if seen != d:
+      raise RuntimeError(f"asked {d} devices, the subprocess's mesh has {seen}")
+    records.append(rec)
+  env = records[0]["environment"]
+  print(f"machine: {env['machine']}; device kind: {env['devices'][0]}; N = {args.n}")
+  print(f"load average at start {_f(env['load_avg'] and env['load_avg'][0], '{:.2f}')}")
+  print(scaling_table(records))
+  out = {"benchmark": "defend scaling", "n": args.n, "settings": args.set,
+         "devices": args.devices, "records": records}
+  if args.json:
+    utils.write_json_atomic(args.json, utils.jsonable(out))
+  return out
+
+
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  if args.devices:
+    return main_scaling(args)
   env = environment()
   results = [bench_model(spec, args) for spec in args.models]
   env["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -8,7 +8,9 @@ explicit both ways: `kernel_path(name)` and `layer_name(kernel_path)`.
 
 Inputs are sown into Flax's 'intermediates' collection by a method interceptor (Flax's
 `capture_intermediates` records outputs only); outputs come from `capture_intermediates`.
-`extract` streams a data set through the model and returns the pooled features on the host.
+`extract` streams a data set through the model and returns the pooled features on the
+host; with several devices each batch is split over them (`sharding`: the feature
+functions are per image, so nothing else changes).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
+
+from drr_jax import sharding
 
 LAYER_TYPES = (nn.Conv, nn.Dense)
 _INPUT = "__input__"
@@ -234,15 +238,19 @@ def extract(model: nn.Module | Callable, variables: Any, images: np.ndarray,
   fn = pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers, with_means=True)
   chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
   mean_chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+  mesh = sharding.batch_mesh()
+  batch_size = sharding.padded(batch_size, mesh)  # whole device shares
+  variables = sharding.replicate(variables, mesh)
   n = len(images)
   for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
     x = images[i:i + batch_size]
     m = len(x)
     if m < batch_size and n > batch_size:  # pad: one compiled program for every batch
       x = np.concatenate([x, np.repeat(x[-1:], batch_size - m, 0)])
-    out, means = jax.device_get(fn(variables, x))
+    x, _ = sharding.shard_batch(x, mesh)  # a lone short batch: padded to whole shares
+    out, means = sharding.to_host(fn(variables, x))
     for k, v in out.items():
-      rows = v.shape[0] // len(x) * m
+      rows = v.shape[0] // x.shape[0] * m
       chunks[k].append(v[:rows])
       mean_chunks[k].append(means[k][:m])
   feats = {k: np.concatenate(v) for k, v in chunks.items()}

@@ -1,7 +1,8 @@
 """Batched, jitted class predictions of a model: what the defense needs from a network.
 
 Kept apart from `evaluate` (ACC/ASR, which needs the attacks to build triggered images) so
-that the defense can predict without importing `drr_jax.attacks`.
+that the defense can predict without importing `drr_jax.attacks`. With several devices
+each batch is split over them (`sharding`); with one, nothing changes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import features
+from drr_jax import features, sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -29,11 +30,15 @@ def _jitted(model: nn.Module | ApplyFn) -> Callable:
 def predict(model: nn.Module | ApplyFn, variables: Any, images: np.ndarray,
             batch_size: int = 500, progress: bool = True, desc: str = "predict"
             ) -> np.ndarray:
-  """Predicted classes for uint8 images (N, H, W, C), batch by batch."""
+  """Predicted classes for uint8 images (N, H, W, C), batch by batch (each batch split
+  over the devices: its size rounded up to a multiple of their count)."""
   images = np.asarray(images)
   if images.ndim != 4 or len(images) == 0:
     raise ValueError(f"expected a non-empty batch (N, H, W, C), got shape {images.shape}")
   fn = _jitted(model)
+  mesh = sharding.batch_mesh()
+  batch_size = sharding.padded(batch_size, mesh)
+  variables = sharding.replicate(variables, mesh)
   out = []
   n = len(images)
   # Pad the last batch so one compiled program serves every batch.
@@ -42,5 +47,6 @@ def predict(model: nn.Module | ApplyFn, variables: Any, images: np.ndarray,
     m = len(x)
     if m < batch_size and n > batch_size:
       x = np.concatenate([x, np.zeros((batch_size - m, *x.shape[1:]), x.dtype)])
-    out.append(np.asarray(fn(variables, x))[:m])
+    x, _ = sharding.shard_batch(x, mesh)  # a lone short batch: to whole device shares
+    out.append(np.asarray(sharding.to_host(fn(variables, x)))[:m])
   return np.concatenate(out)

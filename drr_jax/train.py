@@ -1,6 +1,14 @@
 """Training a (possibly backdoored) classifier: a plain-dict state, one jitted update_fn,
 orbax checkpoints every epoch, resumable. IAB trains its trigger networks along with the
-classifier (`_train_iab`)."""
+classifier (`_train_iab`).
+
+With several devices (`sharding.batch_mesh`) the training step is data-parallel: each
+batch is split over the devices and the state is replicated on each; under jit the loss,
+the gradients and BatchNorm's batch statistics are means over the whole global batch
+(XLA all-reduces the per-device sums), so the step is the single-device step, up to float
+rounding, and BatchNorm is synchronized. The batch size must then be a multiple of the
+device count. With one device nothing changes. IAB's training runs on one device.
+"""
 from __future__ import annotations
 
 import functools
@@ -16,7 +24,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from drr_jax import attacks, checkpoint, data, evaluate
+from drr_jax import attacks, checkpoint, data, evaluate, sharding
 from drr_jax.attacks import PoisonedSet
 from drr_jax.models import get_model
 
@@ -45,8 +53,14 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Arra
 
 
 def make_update_fn(model: nn.Module, tx: optax.GradientTransformation,
-                   augment: bool = True) -> Callable:
-  """update_fn(state, images uint8, labels, key) -> (state, metrics), jitted."""
+                   augment: bool = True, mesh: jax.sharding.Mesh | None = None
+                   ) -> Callable:
+  """update_fn(state, images uint8, labels, key) -> (state, metrics), jitted.
+
+  On a `mesh` of several devices (default: every device, `sharding.batch_mesh()`),
+  update_fn splits each batch over them and keeps the state replicated (the batch size
+  must be a multiple of the device count): a data-parallel step whose BatchNorm
+  statistics are those of the whole batch. With one device, the plain jitted step."""
 
   def loss_fn(params, batch_stats, images, labels):
     logits, new_vars = model.apply({"params": params, "batch_stats": batch_stats},
@@ -54,7 +68,6 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation,
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, new_vars["batch_stats"])
 
-  @jax.jit
   def update_fn(state: State, images: jax.Array, labels: jax.Array, key: jax.Array):
     # A (N, H, W) batch or labels of another length would broadcast into nonsense.
     chex.assert_rank([images, labels], [4, 1])
@@ -70,7 +83,22 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation,
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return new_state, metrics
 
-  return update_fn
+  mesh = sharding.batch_mesh() if mesh is None else mesh
+  if mesh.size == 1:
+    return jax.jit(update_fn)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(update_fn, out_shardings=replicated)
+
+  def data_parallel(state: State, images, labels, key):
+    if len(images) % mesh.size:
+      raise ValueError(f"a batch of {len(images)} images cannot be split evenly over "
+                       f"{mesh.size} devices: use a multiple of {mesh.size}")
+    images, _ = sharding.shard_batch(images, mesh)
+    labels, _ = sharding.shard_batch(labels, mesh)
+    state, key = sharding.replicate((state, key), mesh)  # no-ops after the first step
+    return jitted(state, images, labels, key)
+
+  return data_parallel
 
 
 def attack_record(poisoned: PoisonedSet) -> dict[str, np.ndarray]:
@@ -105,6 +133,10 @@ def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
   if n < t["batch_size"]:
     raise ValueError(f"training set of {n} images is smaller than one batch "
                      f"({t['batch_size']})")
+  devices = sharding.batch_mesh().size
+  if t["batch_size"] % devices:
+    raise ValueError(f"train.batch_size {t['batch_size']} is not a multiple of the "
+                     f"{devices} devices, over which each batch is split")
   steps_per_epoch = n // t["batch_size"]
   total = steps_per_epoch * t["epochs"]
   model, tx = build_model(config), make_optimizer(config, total)
@@ -134,7 +166,7 @@ def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
     meta = restored["meta"]
     start_epoch = int(state["step"]) // steps_per_epoch
     print(f"resuming from {workdir} at epoch {start_epoch} (step {step})")
-  update_fn = make_update_fn(model, tx)
+  update_fn = make_update_fn(model, tx)  # data-parallel over every device
   for epoch in range(start_epoch, t["epochs"]):
     t0 = time.time()
     batches = attacks.train_batches(train_set, config["attack"], config["seed"], epoch,

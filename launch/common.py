@@ -7,7 +7,12 @@ import os
 import stat
 import sys
 
-from drr_jax import attacks, checkpoint, configs, data, models
+from drr_jax import attacks, checkpoint, configs, data, models, sharding
+
+# Multi-host runs (a TPU pod slice, a GPU cluster): DRR_DISTRIBUTED=1 starts
+# jax.distributed here, as every entry point imports this module before any JAX
+# computation (docs/scaling.md). Unset, nothing happens: all local devices are used.
+sharding.initialize_from_env()
 
 
 def parser(doc: str, module: str) -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ and predicts on it with the network before and after a trial removal: the tail f
 (share of tail images whose prediction changes), the collateral (the same share among up
 to `COLLATERAL` images outside the tail), the residual statistics used when a direction
 is carried to other readers, and each image's feature at the place where a direction
-fires most (`rows`, for the located estimate).
+fires most (`rows`, for the located estimate). With several devices every prediction
+batch is split over them (`inference.predict`, `sharding`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from drr_jax import features, inference
+from drr_jax import features, inference, sharding
 
 COLLATERAL = 1000  # confirmation images on which a removal's collateral is measured
 
@@ -56,14 +57,17 @@ class Confirmer:
     """(m, C) float64: each confirmation image's feature of `layer` at its position where
     the projection on v is largest (`features.located_fn`)."""
     fn = features.located_fn(self.model, layer, outputs=outputs)
-    vj = jnp.asarray(v, jnp.float32)
+    mesh = sharding.batch_mesh()
+    vj, variables = sharding.replicate((jnp.asarray(v, jnp.float32), variables), mesh)
+    batch = sharding.padded(self.batch, mesh)  # whole device shares
     out = []
-    for i in range(0, len(self.images), self.batch):
-      x = self.images[i:i + self.batch]
+    for i in range(0, len(self.images), batch):
+      x = self.images[i:i + batch]
       m = len(x)
-      if m < self.batch:  # pad: one compiled program for every batch
-        x = np.concatenate([x, np.repeat(x[-1:], self.batch - m, 0)])
-      out.append(np.asarray(fn(variables, x, vj))[:m])
+      if m < batch:  # pad: one compiled program for every batch
+        x = np.concatenate([x, np.repeat(x[-1:], batch - m, 0)])
+      x, _ = sharding.shard_batch(x, mesh)
+      out.append(np.asarray(sharding.to_host(fn(variables, x, vj)))[:m])
     return np.concatenate(out).astype(np.float64)
 
   def _changed(self, variables: Any, trial: Any, rows: np.ndarray) -> np.ndarray:
