@@ -11,9 +11,8 @@ import numpy as np
 from tests import killing
 
 SCRIPT = """
-import json
 import jax, numpy as np
-import drr_jax
+from tests.defend_dump import defend_all, flat
 from tests.tiny_net import TinyNet
 
 rng = np.random.default_rng(0)
@@ -21,23 +20,9 @@ images = rng.integers(0, 256, (512, 32, 32, 3)).astype(np.uint8)
 images[:51, -4:, -4:] = 255  # a 10 % group with a white corner patch
 model = TinyNet(width=8)
 variables = model.init(jax.random.key(0), images[:2])
-out = {"initial" + jax.tree_util.keystr(path): np.asarray(leaf)
-       for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
-
-def timeless(obj):  # the report without its timings
-  if isinstance(obj, dict):
-    return {k: timeless(v) for k, v in obj.items() if "seconds" not in k}
-  if isinstance(obj, (list, tuple)):
-    return [timeless(v) for v in obj]
-  return obj
-
-for name, config in (("defaults", None), ("folding", {"mode": "one_pass", "confirm": False, "tau": 0.5})):
-  defended, report = drr_jax.defend(model, variables, images, config=config,
-                                    progress=False)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(defended):
-    out[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
-  out[name + " report"] = np.frombuffer(
-      json.dumps(timeless(report), sort_keys=True, default=str).encode(), np.uint8)
+out = flat("initial", variables)
+out.update(defend_all(model, variables, images, [
+    ("defaults", None), ("folding", {"mode": "one_pass", "confirm": False, "tau": 0.5})]))
 np.savez(OUT, **out)
 """
 

@@ -29,11 +29,11 @@ CONFIGS = (("defaults", None),
            ("confirmed", {"max_collateral": 1.0, "max_class_collateral": 1.0}))
 
 SCRIPT = """
-import json
 import jax, jax.numpy as jnp, numpy as np, optax
 import flax.linen as nn
 import drr_jax
 from drr_jax import inference, sharding, stiefel, train
+from tests.defend_dump import defend_all
 from tests.tiny_net import TinyNet
 
 out = {"devices": np.int64(jax.device_count())}
@@ -108,20 +108,7 @@ if jax.device_count() == 1:
                                                           jax.random.key(2))
   out["whole mean"] = np.asarray(plain["batch_stats"]["bn"]["mean"])
 
-def timeless(obj):  # the report without its timings
-  if isinstance(obj, dict):
-    return {k: timeless(v) for k, v in obj.items() if "seconds" not in k}
-  if isinstance(obj, (list, tuple)):
-    return [timeless(v) for v in obj]
-  return obj
-
-for name, config in CONFIGS:
-  defended, report = drr_jax.defend(model, variables, images, config=config,
-                                    progress=False)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(defended):
-    out[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
-  out[name + " report"] = np.frombuffer(
-      json.dumps(timeless(report), sort_keys=True, default=str).encode(), np.uint8)
+out.update(defend_all(model, variables, images, CONFIGS))
 np.savez(OUT, **out)
 print("devices", jax.device_count())
 """
