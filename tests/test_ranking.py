@@ -145,3 +145,22 @@ def test_the_residual_tail_is_the_removed_tail_still_predicted_as_before():
   mask = ranking.residual_tail(run, None, ranking.Later(original, removed))
   # 0 and 4: removed and unchanged; 2 was flipped; 5 unknown; 6 and 8 never removed
   np.testing.assert_array_equal(np.flatnonzero(mask), [0, 4])
+
+
+def test_flip_on_majority_judges_a_first_round_candidate_by_its_majority_class_images():
+  from types import SimpleNamespace
+  from drr_jax.defenses.drr import make_config, ranking
+  # a small poisoned group: half the tail is benign, but the tail images the network
+  # puts in the majority (target) class nearly all flip
+  stats = {"tail_flip": 0.5, "majority_flip": 0.9, "tail_frac": 0.04, "collateral": 0.05,
+           "class_collateral": 0.2}
+  conf = SimpleNamespace(idx=np.arange(1000))
+  tail = SimpleNamespace(cfg=make_config({}), confirmer=conf)
+  majority = SimpleNamespace(cfg=make_config({"flip_on": "majority"}), confirmer=conf)
+  assert not ranking.passes(tail, stats)
+  assert ranking.passes(majority, stats)
+  assert not ranking.passes(majority, {**stats, "majority_flip": 0.3})
+  assert not ranking.passes(majority, {k: v for k, v in stats.items()
+                                       if k != "majority_flip"})  # an empty tail
+  with pytest.raises(Exception, match="flip_on"):
+    make_config({"flip_on": "nope"})

@@ -23,6 +23,7 @@ SIDES = ("input", "output", "sites")
 MODES = ("sequential", "one_pass", "ranked")
 DIRECTIONS = ("skew", "tail_mean")
 MEAN_FITS = ("average", "interior")
+FLIP_ON = ("tail", "majority")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +85,10 @@ class DRRConfig:
   confirm_samples: int = 5000  # images of the defense set the confirmation uses
   tail_z: float = 2.0          # a direction's tail: images with z-score above this
   min_tail_flip: float = 0.6   # least share of the tail whose prediction it must change
+  flip_on: str = "tail"         # ranked, first round: the tail flip measured on the
+                               # whole tail ('tail') or on the tail images the network
+                               # puts in the tail's majority class ('majority': a small
+                               # poisoned group's tail is mostly benign images)
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
@@ -211,6 +216,7 @@ def _validate(cfg: DRRConfig) -> None:
   _integer("ranked_rounds", cfg.ranked_rounds)
   if int(cfg.ranked_rounds) < 1:
     raise DefenseError(f"ranked_rounds must be >= 1, got {cfg.ranked_rounds!r}")
+  _choice("flip_on", cfg.flip_on, FLIP_ON)
   _real("min_tail_flip", cfg.min_tail_flip)
   _integer("confirm_samples", cfg.confirm_samples)
   if not 0.0 <= cfg.min_tail_flip <= 1.0 or cfg.confirm_samples < 2:

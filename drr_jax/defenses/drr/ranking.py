@@ -51,8 +51,9 @@ class Scored(NamedTuple):
 
 
 def passes(run: Run, stats: Mapping[str, Any]) -> bool:
-  """Whether a candidate's removal passes confirmation: it changes most of its tail, and
-  few other images, and few of the other images in the tail's majority class. In a later
+  """Whether a candidate's removal passes confirmation: it changes most of its tail (or,
+  with flip_on='majority', of the tail images in the tail's majority class), and few
+  other images, and few of the other images in the tail's majority class. In a later
   round (stats carry 'residual'): most of the tail images still predicted as the original
   network did, at least MIN_TAIL of them, and a tail mostly inside those removed before."""
   cfg = run.cfg
@@ -64,7 +65,9 @@ def passes(run: Run, stats: Mapping[str, Any]) -> bool:
                 and stats["residual_flip"] >= cfg.min_tail_flip
                 and (cfg.tail_overlap is None
                      or (overlap is not None and overlap >= cfg.tail_overlap)))
-  return bool(gates and stats["tail_flip"] >= cfg.min_tail_flip
+  flip = (stats.get("majority_flip", 0.0) if cfg.flip_on == "majority"
+          else stats["tail_flip"])
+  return bool(gates and flip >= cfg.min_tail_flip
               and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL)
 
 
