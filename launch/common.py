@@ -15,14 +15,23 @@ from drr_jax import attacks, checkpoint, configs, data, models, sharding
 sharding.initialize_from_env()
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose own refusals (an unknown choice, a value of the wrong type, a
+  missing argument) are one line 'error: ...' with exit code 2, like every other bad
+  input, instead of the usage text followed by the error."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parser(doc: str, module: str) -> argparse.ArgumentParser:
   """The parser of the entry point `module` ('launch.train') whose docstring is `doc`: its
   first paragraph (whole, as written) is the description, the rest (the examples) the
   epilog."""
   head, _, rest = doc.strip().partition("\n\n")
-  return argparse.ArgumentParser(prog=f"python -m {module}", description=head,
-                                 epilog=rest.strip("\n").rstrip() or None,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  return _Parser(prog=f"python -m {module}", description=head,
+                 epilog=rest.strip("\n").rstrip() or None,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:

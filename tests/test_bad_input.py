@@ -354,8 +354,8 @@ def test_settings_of_the_wrong_kind_from_the_clis(env, capsys):
 
 
 def test_unknown_preset_method_attack_and_model(env, capsys):
-  """From the CLIs: argparse's refusal naming the value (exit 2: usage and one 'error:'
-  line) for the flags with fixed choices, one line for the rest; from the API: an error
+  """From the CLIs: one line 'error: ...' naming the value (exit 2 from argparse for the
+  flags with fixed choices, 1 for the rest); from the API: an error
   naming the value and the choices."""
   for cli, argv in [("train", ["--preset", "nope"]), ("train", ["--attack", "nope"]),
                     ("defend", ["--method", "nope"]), ("defend", ["--preset", "nope"]),
@@ -364,6 +364,7 @@ def test_unknown_preset_method_attack_and_model(env, capsys):
       importlib.import_module(f"launch.{cli}").main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "invalid choice: 'nope'" in err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
   base = ["--preset", "tiny", "--workdir", env / "run"]
   assert "unknown model 'nope'" in _error("train", [*base, "--model", "nope"], capsys)
