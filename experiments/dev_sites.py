@@ -34,6 +34,10 @@ def main() -> None:
   p.add_argument("--starts", type=int, default=4)
   p.add_argument("--per_site", type=int, default=2, help="candidates tried per site")
   p.add_argument("--tail_z", type=float, default=2.0)
+  p.add_argument("--oracle", action="store_true",
+                 help="analysis only: per site, the poisoned-minus-benign mean direction "
+                      "(from the record's poison indices): its skewness, the poison's place "
+                      "along it, its cosine with the best found direction, and its removal")
   args = p.parse_args()
   t0 = time.time()
   model, variables, meta, record = checkpoint.load_model(args.checkpoint)
@@ -68,6 +72,11 @@ def main() -> None:
       feats[k, side] = (np.concatenate([a for a, _ in chunks[k]]),
                         np.concatenate([b for _, b in chunks[k]]))
   print(f"features {time.time() - t0:.0f} s", flush=True)
+  if args.oracle:
+    _oracle(args, model, variables, found, feats, images, is_poison, base, probe, ds, trigger,
+            acfg)
+    print(f"total {time.time() - t0:.0f} s")
+    return
   print(f"{'site':36s} {'skew':>5s} {'axmed':>5s} {'tail':>5s} {'pois':>5s} {'maj':>5s} "
         f"{'flip':>5s} {'coll':>5s} {'scoll':>5s} {'ACC':>6s} {'ASR':>6s}", flush=True)
   for s in found:
@@ -108,6 +117,38 @@ def main() -> None:
             f"{100 * m['acc']:6.2f} {100 * (m['asr'] if m['asr'] == m['asr'] else 0):6.2f}",
             flush=True)
   print(f"total {time.time() - t0:.0f} s")
+
+
+def _oracle(args, model, variables, found, feats, images, is_poison, base, probe, ds,
+            trigger, acfg) -> None:
+  """What the search would need to find at each site, and what removing it would do."""
+  print(f"{'site':36s} {'skew_d':>6s} {'found':>6s} {'cos':>5s} {'zpois':>6s} "
+        f"{'p>2':>5s} {'tail':>5s} {'pois':>5s} {'pflip':>5s} {'coll':>5s} "
+        f"{'ACC':>6s} {'ASR':>6s}", flush=True)
+  for s in found:
+    x, means = feats[s.layer, s.side]
+    xc = x - x.mean(0)
+    d = x[is_poison].mean(0) - x[~is_poison].mean(0)
+    d = d / (np.linalg.norm(d) + 1e-12)
+    proj = xc @ d
+    skew_d = np.mean(proj ** 3) / (np.mean(proj ** 2) ** 1.5 + 1e-12)
+    z = proj / (proj.std() + 1e-12)
+    res = jax.device_get(stiefel.maximize(x, min(args.starts, x.shape[1]), steps=200,
+                                          lr=0.1, standardize=True, search="multistart"))
+    j = int(np.argmax(res.values))
+    cos = abs(float(np.asarray(res.frame)[:, j] @ d))
+    tail = z > args.tail_z
+    benign = means[~is_poison].mean(0)
+    trial, _ = sites.fold_with_mean(model, variables, s, d[:, None], benign, probe)
+    after = evaluate.predict(model, trial, images, progress=False)
+    changed = after != base
+    m = evaluate.evaluate(model, trial, ds.val, trigger, acfg, progress=False)
+    print(f"{s.name:36s} {skew_d:6.2f} {float(res.values[j]):6.2f} {cos:5.2f} "
+          f"{np.median(z[is_poison]):6.2f} {np.mean(z[is_poison] > args.tail_z):5.2f} "
+          f"{tail.mean():5.3f} {is_poison[tail].mean() if tail.any() else 0:5.2f} "
+          f"{changed[is_poison].mean():5.2f} {changed[~is_poison].mean():5.3f} "
+          f"{100 * m['acc']:6.2f} {100 * (m['asr'] if m['asr'] == m['asr'] else 0):6.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":
