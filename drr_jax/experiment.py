@@ -147,8 +147,9 @@ def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
   return checkpoint.export_variables(workdir, exported)
 
 
-def _metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size: int,
-             progress: bool) -> dict[str, dict[str, float]]:
+def metrics(model, variables, ds: datasets.Datasets, trigger, acfg, batch_size: int,
+            progress: bool) -> dict[str, dict[str, float]]:
+  """{'val': {'acc', 'asr'}, 'test': {...}} of a model's variables."""
   out = {}
   for name, split in (("val", ds.val), ("test", ds.test)):
     out[name] = evaluate.evaluate(model, variables, split, trigger, acfg, batch_size,
@@ -196,21 +197,21 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
   evaluate.predict(model, variables, ds.train.images, bs, progress, "plain pass")
   times["plain_pass_seconds"] = time.time() - t0
   t0 = time.time()
-  before = _metrics(model, variables, ds, trigger, acfg, bs, progress)
+  before = metrics(model, variables, ds, trigger, acfg, bs, progress)
   times["evaluate_seconds"] = time.time() - t0
 
   t0 = time.time()
   defended, report = drr.defend(model, variables, ds.train.images, config=dcfg,
                                 progress=progress)
   times["defense_seconds"] = time.time() - t0
-  after = _metrics(model, defended, ds, trigger, acfg, bs, progress)
+  after = metrics(model, defended, ds, trigger, acfg, bs, progress)
   del defended
 
   t0 = time.time()
   defended, paper_report = drr.defend(model, variables, ds.train.images,
                                       config=cfg["paper"], progress=progress)
   times["paper_defense_seconds"] = time.time() - t0
-  paper = {"after": _metrics(model, defended, ds, trigger, acfg, bs, progress),
+  paper = {"after": metrics(model, defended, ds, trigger, acfg, bs, progress),
            "drr": paper_report}
   del defended
 

@@ -4,6 +4,8 @@
 ACC/ASR on the test set, in %, and an average row), one table per poison ratio, then a
 row per cell with its times and what DRR projected. `fig_C_per_layer.png`: C of
 Assumption 2 at every layer. `fig_tau_sweep.png`: validation ACC/ASR against tau.
+A zoo's folder gets `table.md` per model and `fig_zoo.png` instead. Where the folder has
+baseline records (`drr_jax.comparison`), `comparison.md` puts every method side by side.
 Everything is sorted and dated from the records, never from the clock, so the same
 records always give the same bytes.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from drr_jax import utils
+from drr_jax import comparison, utils
 from drr_jax.experiment import check_record
 
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
@@ -399,6 +401,135 @@ def fig_zoo(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
   plt.close(fig)
 
 
+# --- The comparison with the baselines (issue 15) -------------------------------------
+# Columns in the paper's Table 1 order, then this project's rank-reduction versions.
+COMPARED = ("fp", "anp", "clp", "ep", "paper", "drr", "rr-fp", "rr-ep")
+COMPARED_NAMES = {"fp": "FP", "anp": "ANP", "clp": "CLP", "ep": "EP", "paper": "paper DRR",
+                  "drr": "DRR", "rr-fp": "RR-FP (ours)", "rr-ep": "RR-EP (ours)"}
+
+
+def _method_result(rec: dict[str, Any], baselines: dict[tuple[str, str], dict[str, Any]],
+                   method: str, split: str) -> tuple[dict[str, Any] | None, float | None]:
+  """({'acc', 'asr'} on split, seconds) of one method on one model, or (None, None)."""
+  if method == "drr":
+    return rec["after"][split], rec["times"].get("defense_seconds")
+  if method == "paper":
+    after = ((rec.get("paper") or {}).get("after") or {}).get(split)
+    return after, rec["times"].get("paper_defense_seconds")
+  b = baselines.get((rec["cell_id"], method))
+  return (b["after"][split], b["seconds"]) if b else (None, None)
+
+
+def _better_than(m: dict[str, Any], ref: dict[str, Any]) -> bool:
+  """m at least as good as ref on ACC and ASR, and better on one (by 0.01 points)."""
+  if m is None or ref is None or m["asr"] is None or ref["asr"] is None:
+    return False
+  ge_acc, le_asr = m["acc"] >= ref["acc"] - 5e-5, m["asr"] <= ref["asr"] + 5e-5
+  return ge_acc and le_asr and (m["acc"] > ref["acc"] + 5e-5 or m["asr"] < ref["asr"] - 5e-5)
+
+
+def comparison_table(records: Sequence[dict[str, Any]],
+                     baselines: dict[tuple[str, str], dict[str, Any]],
+                     split: str = "test") -> str:
+  """Backdoored and every method's ACC / ASR (%) on `split`, one row per model, the best
+  ACC and the lowest ASR of each row in bold; the methods that beat DRR on both; the mean
+  over the backdoored models (each column over the models it was run on)."""
+  methods = [m for m in COMPARED if m in ("drr", "paper")
+             or any(k[1] == m for k in baselines)]
+  head = (["model", "backdoored"] + [COMPARED_NAMES[m] for m in methods]
+          + ["better than DRR on both"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  cols: dict[str, list] = defaultdict(list)
+  for r in records:
+    res = {m: _method_result(r, baselines, m, split)[0] for m in methods}
+    ran = {m: v for m, v in res.items() if v is not None}
+    best_acc = max((v["acc"] for v in ran.values()), default=None)
+    asrs = [v["asr"] for v in ran.values() if v["asr"] is not None]
+    best_asr = min(asrs) if asrs else None
+
+    def cell(v):
+      if v is None:
+        return "–"
+      acc, asr = _pct(v["acc"]), _pct(v["asr"])
+      if best_acc is not None and abs(v["acc"] - best_acc) < 5e-5:
+        acc = f"**{acc}**"
+      if v["asr"] is not None and best_asr is not None and abs(v["asr"] - best_asr) < 5e-5:
+        asr = f"**{asr}**"
+      return f"{acc} / {asr}"
+
+    b = r["before"][split]
+    better = [COMPARED_NAMES[m] for m in methods if m != "drr"
+              and _better_than(res[m], res["drr"])]
+    lines.append(f"| `{r['cell_id']}` | {_pct(b['acc'])} / {_pct(b['asr'])} | "
+                 + " | ".join(cell(res[m]) for m in methods)
+                 + f" | {', '.join(better) or '–'} |")
+    if r["cell"]["attack"] != "none":
+      cols["backdoored"].append(b)
+      for m, v in ran.items():
+        cols[m].append(v)
+  if cols:
+    def avg(vals):
+      return (f"{_pct(_mean([v['acc'] for v in vals]))} / "
+              f"{_pct(_mean([v['asr'] for v in vals]))} (n={len(vals)})" if vals else "–")
+    n = len(cols["backdoored"])
+    lines.append(f"| **mean of {n} backdoored** | {avg(cols['backdoored'])} | "
+                 + " | ".join(avg(cols[m]) for m in methods) + " | |")
+  return "\n".join(lines)
+
+
+def _budget(method: str, baselines: dict[tuple[str, str], dict[str, Any]]) -> str:
+  if method in ("drr", "paper", "ep", "rr-ep"):
+    return "the poisoned training set (no labels)"
+  if method == "clp":
+    return "none (the weights only)"
+  sizes = sorted({b["clean_data"]["images"] for (_, m), b in baselines.items()
+                  if m == method and b.get("clean_data")})
+  return (f"{', '.join(f'{s:,}' for s in sizes)} labelled clean images (the validation "
+          "split, 5 % of the training set)" + (" + fine-tuning" if method in ("fp", "rr-fp")
+                                              else ""))
+
+
+def comparison_markdown(records: Sequence[dict[str, Any]],
+                        baselines: dict[tuple[str, str], dict[str, Any]]) -> str:
+  """comparison.md: the test and validation tables, each method's data budget, its
+  seconds per model, and what each costs the clean controls."""
+  recs = list(records) + [b for b in baselines.values()]
+  out = ["# DRR and the baselines", ""] + provenance(recs) + [""]
+  out.append("ACC / ASR in %, ASR over the images whose label differs from the target; "
+             "in each row the highest ACC and the lowest ASR are in bold. 'Better than DRR "
+             "on both': ACC at least DRR's and ASR at most DRR's, one of them strictly. "
+             "FP, ANP and RR-FP are given the clean validation split (their validation "
+             "figures are on data they saw); no method sees the test set. Settings: each "
+             "record's `config` (docs/baselines.md).")
+  for split in ("test", "val"):
+    out += ["", f"## {'Test' if split == 'test' else 'Validation'} set", "",
+            comparison_table(records, baselines, split)]
+  methods = [m for m in COMPARED if m in ("drr", "paper")
+             or any(k[1] == m for k in baselines)]
+  out += ["", "## Data each method uses", ""]
+  out += [f"- {COMPARED_NAMES[m]}: {_budget(m, baselines)}" for m in methods]
+  out += ["", "## Seconds per model (the defense alone, wall clock on the record's "
+          "machine)", "",
+          "| model | " + " | ".join(COMPARED_NAMES[m] for m in methods) + " |",
+          "|" + "---|" * (len(methods) + 1)]
+  for r in records:
+    secs = [_method_result(r, baselines, m, "test")[1] for m in methods]
+    out.append(f"| `{r['cell_id']}` | "
+               + " | ".join("–" if s is None else f"{s:.0f}" for s in secs) + " |")
+  clean = [r for r in records if r["cell"]["attack"] == "none"]
+  if clean:
+    out += ["", "## Clean controls (test ACC change, points)", ""]
+    for r in clean:
+      b = r["before"]["test"]["acc"]
+      parts = []
+      for m in methods:
+        v = _method_result(r, baselines, m, "test")[0]
+        if v is not None:
+          parts.append(f"{COMPARED_NAMES[m]} {100 * (v['acc'] - b):+.2f}")
+      out.append(f"- `{r['cell_id']}`: " + ", ".join(parts))
+  return "\n".join(out) + "\n"
+
+
 def _write_text(path: Path, text: str) -> None:
   with utils.atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")
@@ -419,10 +550,15 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     paths = {"table": out / "table.md", "fig_zoo": out / "fig_zoo.png"}
     _write_text(paths["table"], zoo_markdown(records))
     fig_zoo(records, paths["fig_zoo"])
-    return paths, warnings
-  paths = {"table": out / "table.md", "fig_C": out / "fig_C_per_layer.png",
-           "fig_tau": out / "fig_tau_sweep.png"}
-  _write_text(paths["table"], markdown(records))
-  fig_c_per_layer(records, paths["fig_C"])
-  fig_tau_sweep(records, paths["fig_tau"])
+  else:
+    paths = {"table": out / "table.md", "fig_C": out / "fig_C_per_layer.png",
+             "fig_tau": out / "fig_tau_sweep.png"}
+    _write_text(paths["table"], markdown(records))
+    fig_c_per_layer(records, paths["fig_C"])
+    fig_tau_sweep(records, paths["fig_tau"])
+  baselines, more = comparison.load_records(results_dir)
+  warnings += more
+  if baselines:
+    paths["comparison"] = out / "comparison.md"
+    _write_text(paths["comparison"], comparison_markdown(records, baselines))
   return paths, warnings

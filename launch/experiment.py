@@ -1,8 +1,11 @@
 """Run an experiment grid: train (or reuse) -> evaluate -> DRR -> evaluate, one JSON
 record per cell under --results; re-run it after a kill to finish the missing cells.
+With --methods, the baselines instead (one record per cell and method under
+<results>/baselines/), on the same models.
 
   python -m launch.experiment --grid cpu --data_dir ../shared/data
-  python -m launch.report --results results/cpu
+  python -m launch.experiment --grid zoo-heldout --methods fp anp clp ep rr-fp rr-ep
+  python -m launch.report --results results/cpu      # + comparison.md with baselines
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import argparse
 import os
 import sys
 
-from drr_jax import data, experiment, grid
+from drr_jax import comparison, data, experiment, grid
 from launch.common import USER_ERRORS, add_debug_flag, check_folder, fail, parser
 
 
@@ -30,9 +33,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
                  help="only train (and export) the cells' models; write no records")
   p.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                  help="run only cells whose id contains this (repeatable: any of them)")
+  p.add_argument("--methods", nargs="+", choices=comparison.BASELINES,
+                 help="run these baselines on the cells' models instead of DRR (records "
+                 "in <results>/baselines/)")
   p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                  help="DRR or analysis setting, e.g. --set drr.k=8 "
-                 "--set analysis.taus=[2.0,3.0]")
+                 "--set analysis.taus=[2.0,3.0]; with --methods, a baseline's, e.g. "
+                 "--set anp.threshold=0.3")
   add_debug_flag(p)
   args = p.parse_args(argv)
   try:
@@ -40,9 +47,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
   except USER_ERRORS as e:
     fail(e, args.debug)
   print(f"grid {args.grid}: {len(cells)} cell(s) -> {results}", flush=True)
-  outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
-                                overrides=args.set, export_root=export or None,
-                                train_only=args.train_only)
+  if args.methods:
+    outcome = comparison.run_baselines(cells, args.methods, data_dir, args.ckpt_root,
+                                       results, overrides=args.set,
+                                       export_root=export or None)
+  else:
+    outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
+                                  overrides=args.set, export_root=export or None,
+                                  train_only=args.train_only)
   print(f"done {len(outcome['done'])}, already done {len(outcome['skipped'])}, "
         f"failed {len(outcome['failed'])} {outcome['failed']}")
   if outcome["failed"]:
@@ -59,8 +71,15 @@ def _check(args: argparse.Namespace):
     cells = [c for c in cells if any(s in grid.cell_id(c) for s in args.only)]
     if not cells:
       raise ValueError(f"no cell of grid {args.grid!r} matches --only {args.only}")
+  if args.methods and args.train_only:
+    raise ValueError("--methods and --train_only do not go together")
   for c in cells:  # a bad --set fails here, before hours of training
-    experiment.experiment_config(c, args.set)
+    if args.methods:
+      comparison.check_overrides(args.set, args.methods)
+      for m in args.methods:
+        comparison.baseline_config(c, m, args.set)
+    else:
+      experiment.experiment_config(c, args.set)
   results = args.results or os.path.join("results", args.grid)
   export = args.export
   if export is None and args.grid != "tiny":
