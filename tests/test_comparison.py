@@ -1,0 +1,148 @@
+"""The baselines on a grid's models (`drr_jax.comparison`) and the comparison table
+(`report.comparison_markdown`): records per (cell, method), resume, stale settings,
+failures logged, and the table's bold, 'better than DRR', budgets and clean controls."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drr_jax import comparison, experiment, grid, report
+from drr_jax import train as train_lib
+from launch import experiment as launch_experiment
+from tests.conftest import make_fake_zips
+from tests.test_experiment import FAST_DRR, FAST_PAPER
+
+# The machinery, not the methods (tests/test_baselines.py tests each one): few steps.
+FAST = ["fp.finetune_epochs=1", "rr-fp.finetune_epochs=1", "anp.iterations=3",
+        "rr-ep.steps=10", "rr-ep.fit_samples=200", "ep.samples=100", "rr-ep.samples=100"]
+CELLS = [grid.Cell("resnet18", 0.125, "badnets", 0.1, 3, "tiny", (("target", 5),), 1,
+                   "cmp-badnets"),
+         grid.Cell("resnet18", 0.125, "none", 0.0, 4, "tiny", (), 1, "cmp-clean")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The two tiny cells trained, exported, and defended by DRR and the paper mode."""
+  root = tmp_path_factory.mktemp("cmp")
+  mp = pytest.MonkeyPatch()
+  mp.setenv("DRR_CACHE_DIR", str(root / "cache"))
+  make_fake_zips(root / "data", per_class=30)
+  for c in CELLS:
+    experiment.run_cell(c, root / "data", root / "ckpt", root / "results",
+                        overrides=[*FAST_DRR, *FAST_PAPER], progress=False,
+                        export_root=root / "export")
+  yield root
+  mp.undo()
+
+
+def test_every_baseline_gets_a_record_and_a_rerun_redoes_nothing(trained, monkeypatch):
+  root = trained
+  monkeypatch.setenv("DRR_CACHE_DIR", str(root / "cache"))
+  out = comparison.run_baselines(CELLS, comparison.BASELINES, root / "data", root / "ckpt",
+                                 root / "results", overrides=FAST, progress=False,
+                                 export_root=root / "export")
+  names = [f"{c.name}.{m}" for c in CELLS for m in comparison.BASELINES]
+  assert out == {"skipped": [], "done": names, "failed": []}
+  for c in CELLS:
+    for m in comparison.BASELINES:
+      rec = json.loads(comparison.record_path(root / "results", c, m).read_text())
+      assert comparison.check_record(rec) is None
+      assert rec["method"] == m and rec["report"]["method"] == m
+      assert set(rec["after"]) == {"val", "test"} and rec["seconds"] > 0
+      needs_clean = m in ("fp", "anp", "rr-fp")
+      assert (rec["clean_data"] is not None) == needs_clean
+      if needs_clean:  # the validation split, never the test set
+        assert rec["clean_data"] == {"split": "val", "images": 20}
+  # a finished model is reused, and done records are not redone
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the export must be reused")))
+  again = comparison.run_baselines(CELLS, ("clp", "ep"), root / "data", root / "ckpt",
+                                   root / "results", overrides=FAST, progress=False,
+                                   export_root=root / "export")
+  assert again["done"] == [] and len(again["skipped"]) == 4
+  # other settings make a record stale: it is redone
+  stale = comparison.run_baselines(CELLS[:1], ("clp",), root / "data", root / "ckpt",
+                                   root / "results", overrides=["clp.u=2.0"],
+                                   progress=False, export_root=root / "export")
+  assert stale["done"] == ["cmp-badnets.clp"]
+
+  paths, warnings = report.write_report(root / "results")
+  assert not warnings and "comparison" in paths
+  text = paths["comparison"].read_text()
+  for part in ("| model | backdoored | FP | ANP | CLP | EP | paper DRR | DRR | RR-FP (ours) "
+               "| RR-EP (ours) | better than DRR on both |", "`cmp-badnets`", "`cmp-clean`",
+               "**mean of 1 backdoored**", "## Data each method uses",
+               "- CLP: none (the weights only)", "- FP: 20 labelled clean images",
+               "## Seconds per model", "## Clean controls", "`cmp-clean`: FP "):
+    assert part in text, part
+
+
+def test_a_failing_method_is_logged_and_the_others_go_on(trained, monkeypatch):
+  root = trained
+  monkeypatch.setenv("DRR_CACHE_DIR", str(root / "cache"))
+  from drr_jax.defenses import clp
+
+  def broken(*a, **k):
+    raise RuntimeError("simulated crash")
+  monkeypatch.setattr(clp, "defend", broken)
+  results = root / "results-fail"
+  out = comparison.run_baselines(CELLS[:1], ("clp", "ep"), root / "data", root / "ckpt",
+                                 results, overrides=FAST, progress=False,
+                                 export_root=root / "export")
+  assert out["failed"] == ["cmp-badnets.clp"] and out["done"] == ["cmp-badnets.ep"]
+  err = results / "baselines" / "cmp-badnets.clp.error.txt"
+  assert "simulated crash" in err.read_text()
+  assert not (results / "baselines" / "cmp-badnets.clp.json").exists()
+
+
+def test_bad_baseline_settings_fail_before_any_work(tmp_path):
+  (tmp_path / "data").mkdir()
+  base = ["--grid", "tiny", "--data_dir", str(tmp_path / "data"), "--results",
+          str(tmp_path / "r"), "--methods", "clp"]
+  with pytest.raises(SystemExit, match="^error: .*'<method>.KEY=VALUE'"):
+    launch_experiment.main(base + ["--set", "drr.k=2"])
+  with pytest.raises(SystemExit, match="^error: .*"):
+    launch_experiment.main(base + ["--set", "clp.nope=2"])
+  with pytest.raises(SystemExit, match="do not go together"):
+    launch_experiment.main(base + ["--train_only"])
+  with pytest.raises(ValueError, match="unknown baseline"):
+    comparison.baseline_config(grid.get_grid("tiny")[0], "drr")
+  assert not (tmp_path / "r").exists()
+
+
+def _rec(cid, attack, before, drr, paper):
+  def m(acc, asr):
+    return {"acc": acc, "asr": asr}
+  def both(values):
+    return {"test": m(*values), "val": m(*values)}
+  return {"cell_id": cid, "cell": {"attack": attack}, "before": both(before),
+          "after": both(drr), "paper": {"after": both(paper)},
+          "times": {"defense_seconds": 10.0, "paper_defense_seconds": 5.0},
+          "date": "2026-12-06T00:00:00+00:00", "machine": "m", "git": {"commit": "abc"}}
+
+
+def _base(cid, method, acc, asr, clean=None):
+  after = {"acc": acc, "asr": asr}
+  return {"cell_id": cid, "method": method, "after": {"test": after, "val": after},
+          "seconds": 3.0, "clean_data": clean, "date": "2026-12-06T00:00:00+00:00",
+          "machine": "m", "git": {"commit": "abc"}}
+
+
+def test_the_table_bolds_the_best_and_names_who_beats_drr():
+  recs = [_rec("a", "badnets", (0.80, 1.0), (0.78, 0.05), (0.70, 0.02)),
+          _rec("c", "none", (0.81, None), (0.81, None), (0.75, None))]
+  bases = {("a", "clp"): _base("a", "clp", 0.79, 0.04),   # better than DRR on both
+           ("a", "fp"): _base("a", "fp", 0.79, 0.50, {"split": "val", "images": 2500}),
+           ("c", "clp"): _base("c", "clp", 0.80, None)}
+  table = report.comparison_table(recs, bases)
+  row = next(line for line in table.splitlines() if line.startswith("| `a`"))
+  # FP keeps the most ACC of the defenses with CLP (79.00, both bold); paper the lowest ASR
+  assert row == ("| `a` | 80.00 / 100.00 | **79.00** / 50.00 | **79.00** / 4.00 | "
+                 "70.00 / **2.00** | 78.00 / 5.00 | CLP |")
+  clean = next(line for line in table.splitlines() if line.startswith("| `c`"))
+  assert "**81.00** / –" in clean  # DRR kept the clean model's ACC: the best
+  text = report.comparison_markdown(recs, bases)
+  assert "- FP: 2,500 labelled clean images" in text and "+ fine-tuning" in text
+  assert "`c`: CLP -1.00, paper DRR -6.00, DRR +0.00" in text
+  assert "(n=1)" in table
