@@ -17,7 +17,7 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
@@ -79,36 +79,57 @@ def is_done(path: Path, config: dict[str, Any]) -> bool:
   return check_record(rec) is None and rec.get("config") == config
 
 
-def run_baseline(cell: Cell, method: str, data_dir: str | os.PathLike | None,
-                 ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
-                 overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True, git: dict[str, Any] | None = None,
-                 export_root: str | os.PathLike | None = None) -> dict[str, Any]:
-  """One method on one cell's model (trained first if no finished checkpoint exists);
-  writes and returns its record."""
-  git = git if git is not None else utils.git_commit()
-  cfg = baseline_config(cell, method, overrides)
-  defense = get_defense(method)
+class Model(NamedTuple):
+  """A cell's trained model with its data and its ACC / ASR before any defense: loaded
+  once, shared by every method run on it."""
+  cell: Cell
+  workdir: Path
+  model: Any
+  variables: Any
+  ds: datasets.Datasets
+  trigger: Any
+  before: dict[str, Any]
+
+
+def load_cell(cell: Cell, data_dir: str | os.PathLike | None, ckpt_root: str | os.PathLike,
+              *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+              export_root: str | os.PathLike | None = None) -> Model:
+  """The cell's finished model (trained first if there is none), its data, and its ACC /
+  ASR on validation and test."""
+  tcfg = cell_config(cell)
   workdir = train_cell(cell, data_dir, ckpt_root, export_root, cache_dir=cache_dir,
                        progress=progress)
-  model, variables, meta, attack_rec = checkpoint.load_model(workdir)
-  ds = datasets.load(cfg["training"], data_dir, cache_dir, record=attack_rec)
+  model, variables, _, attack_rec = checkpoint.load_model(workdir)
+  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec)
+  trigger = ds.train.trigger if tcfg["attack"]["name"] != "none" else None
+  before = metrics(model, variables, ds, trigger, tcfg["attack"],
+                   int(tcfg["train"]["eval_batch_size"]), progress)
+  return Model(cell, workdir, model, variables, ds, trigger, before)
+
+
+def run_baseline(loaded: Model, method: str, results_dir: str | os.PathLike, *,
+                 overrides: Sequence[str] = (), progress: bool = True,
+                 git: dict[str, Any] | None = None) -> dict[str, Any]:
+  """One method on one loaded model; writes and returns its record."""
+  git = git if git is not None else utils.git_commit()
+  cell, ds = loaded.cell, loaded.ds
+  cfg = baseline_config(cell, method, overrides)
+  defense = get_defense(method)
   acfg = cfg["training"]["attack"]
-  trigger = ds.train.trigger if acfg["name"] != "none" else None
-  bs = int(cfg["training"]["train"]["eval_batch_size"])
-  before = metrics(model, variables, ds, trigger, acfg, bs, progress)
   clean = (ds.val.images, ds.val.labels) if defense.needs_clean else None
   t0 = time.time()
-  defended, report = defense.defend(model, variables, ds.train.images,
+  defended, report = defense.defend(loaded.model, loaded.variables, ds.train.images,
                                     config=cfg["settings"], clean=clean, progress=progress)
   seconds = time.time() - t0
-  after = metrics(model, defended, ds, trigger, acfg, bs, progress)
+  after = metrics(loaded.model, defended, ds, loaded.trigger, acfg,
+                  int(cfg["training"]["train"]["eval_batch_size"]), progress)
   record = {
       "schema": SCHEMA, "status": "done", "cell_id": cell_id(cell), "cell": cell._asdict(),
-      "method": method, "config": cfg, "before": before, "after": after, "report": report,
+      "method": method, "config": cfg, "before": loaded.before, "after": after,
+      "report": report,
       "clean_data": (None if clean is None else
                      {"split": "val", "images": int(len(ds.val.labels))}),
-      "seconds": seconds, "checkpoint": str(workdir),
+      "seconds": seconds, "checkpoint": str(loaded.workdir),
       "num_train": int(len(ds.train.labels)), "machine": utils.machine_description(),
       "git": git,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -132,6 +153,7 @@ def run_baselines(cells: Sequence[Cell], methods: Sequence[str],
   git = utils.git_commit()
   outcome: dict[str, list[str]] = {"skipped": [], "done": [], "failed": []}
   todo = [(c, m) for c in cells for m in methods]
+  loaded: Model | None = None
   for cell, method in tqdm(todo, desc="baselines", disable=not progress):
     name = f"{cell_id(cell)}.{method}"
     path = record_path(results_dir, cell, method)
@@ -140,9 +162,12 @@ def run_baselines(cells: Sequence[Cell], methods: Sequence[str],
       outcome["skipped"].append(name)
       continue
     try:
-      run_baseline(cell, method, data_dir, ckpt_root, results_dir, overrides=overrides,
-                   cache_dir=cache_dir, progress=progress, git=git,
-                   export_root=export_root)
+      if loaded is None or loaded.cell != cell:
+        loaded = None  # the previous cell's model and data are freed first
+        loaded = load_cell(cell, data_dir, ckpt_root, cache_dir=cache_dir,
+                           progress=progress, export_root=export_root)
+      run_baseline(loaded, method, results_dir, overrides=overrides, progress=progress,
+                   git=git)
     except Exception as e:  # noqa: BLE001 - one failing method must not stop the rest
       err.parent.mkdir(parents=True, exist_ok=True)
       err.write_text(traceback.format_exc())
