@@ -348,10 +348,21 @@ def zoo_table(records: Sequence[dict[str, Any]], split: str = "test") -> str:
   return "\n".join(lines)
 
 
-def zoo_markdown(records: Sequence[dict[str, Any]]) -> str:
-  """table.md of a zoo half: test and validation tables, the clean controls, the split."""
+NEW_ATTACK_TABLES = (("Table 1 layout (clean-label attacks)", ("cla", "sig")),
+                     ("Table 2 layout (attacks that control training)", ("wanet", "iab")))
+
+
+def zoo_markdown(records: Sequence[dict[str, Any]],
+                 baselines: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
+  """table.md of a zoo half (or of the new-attacks grid): test and validation tables,
+  the clean controls, the split; for the paper's other attacks, first its Tables 1-2
+  layout (with the baselines that were run)."""
   splits = sorted({_split_of(r) for r in records})
   out = [f"# DRR on the zoo ({', '.join(splits)})", ""] + provenance(records) + [""]
+  for title, attacks in NEW_ATTACK_TABLES:
+    if any(r["cell"]["attack"] in attacks for r in records):
+      out += [f"## The paper's {title}, test set", "",
+              paper_layout(records, baselines or {}, attacks), ""]
   out.append("ACC and ASR in %, ASR over the images whose label differs from the attack's "
              "target. Backdoored = the trained model; paper DRR = `drr_jax.defend` with "
              "`paper_config()` (Algorithm 1 as written); DRR = the project's defaults (each "
@@ -477,6 +488,79 @@ def comparison_table(records: Sequence[dict[str, Any]],
   return "\n".join(lines)
 
 
+def _marks(values: dict[str, float | None], lower_is_better: bool) -> dict[str, str]:
+  """'**' for the best value(s) and '<u>' for the second best, the paper's marks."""
+  vals = sorted({round(v, 6) for v in values.values() if v is not None and math.isfinite(v)},
+                reverse=not lower_is_better)
+  out = {}
+  for m, v in values.items():
+    if v is None or not math.isfinite(v):
+      continue
+    if vals and round(v, 6) == vals[0]:
+      out[m] = "**"
+    elif len(vals) > 1 and round(v, 6) == vals[1]:
+      out[m] = "<u>"
+  return out
+
+
+def _marked(x: float | None, mark: str | None) -> str:
+  text = _pct(x)
+  if mark == "**":
+    return f"**{text}**"
+  if mark == "<u>":
+    return f"<u>{text}</u>"
+  return text
+
+
+def paper_layout(records: Sequence[dict[str, Any]],
+                 baselines: dict[tuple[str, str], dict[str, Any]], attacks: Sequence[str],
+                 split: str = "test") -> str:
+  """The paper's Tables 1-2 layout for the records of `attacks`: per model, a row per
+  attack and an average; then the average over all; ACC and ASR (%) of the backdoored
+  model and of every method run; among the methods, the best in bold and the second
+  best underlined, as the paper marks them."""
+  recs = [r for r in records if r["cell"]["attack"] in attacks]
+  methods = [m for m in COMPARED if m in ("drr", "paper")
+             or any(k[1] == m for k in baselines)]
+  head = ["Model", "Attack", "Backdoored ACC", "Backdoored ASR"]
+  for m in methods:
+    head += [f"{COMPARED_NAMES[m]} ACC", f"{COMPARED_NAMES[m]} ASR"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+  def row(label_model, label_attack, before, res):
+    acc = _marks({m: (v or {}).get("acc") for m, v in res.items()}, False)
+    asr = _marks({m: (v or {}).get("asr") for m, v in res.items()}, True)
+    cells = [label_model, label_attack, _pct(before.get("acc")), _pct(before.get("asr"))]
+    for m in methods:
+      v = res.get(m) or {}
+      cells += [_marked(v.get("acc"), acc.get(m)), _marked(v.get("asr"), asr.get(m))]
+    return "| " + " | ".join(cells) + " |"
+
+  def average(group):
+    before = {k: _mean([r["before"][split][k] for r in group]) for k in ("acc", "asr")}
+    res = {}
+    for m in methods:
+      got = [v for v in (_method_result(r, baselines, m, split)[0] for r in group) if v]
+      res[m] = ({k: _mean([v[k] for v in got]) for k in ("acc", "asr")}
+                if len(got) == len(group) else None)  # only over complete columns
+    return before, res
+
+  by_model: dict[tuple, list] = defaultdict(list)
+  for r in recs:
+    by_model[model_key(r)].append(r)
+  for key in sorted(by_model):
+    group = sorted(by_model[key], key=attack_key)
+    for i, r in enumerate(group):
+      res = {m: _method_result(r, baselines, m, split)[0] for m in methods}
+      lines.append(row(model_label(key) if i == 0 else "", ATTACK_NAMES.get(
+          r["cell"]["attack"], r["cell"]["attack"]), r["before"][split], res))
+    if len(group) > 1:
+      lines.append(row("", "*Average*", *average(group)))
+  if len(by_model) > 1:
+    lines.append(row("**Average**", "", *average(recs)))
+  return "\n".join(lines)
+
+
 def _budget(method: str, baselines: dict[tuple[str, str], dict[str, Any]]) -> str:
   if method in ("drr", "paper", "ep", "rr-ep"):
     return "the poisoned training set (no labels)"
@@ -543,12 +627,14 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
   if not records:
     raise ValueError(f"no usable record in {results_dir}" +
                      (": " + "; ".join(warnings) if warnings else ""))
+  baselines, more = comparison.load_records(results_dir)
+  warnings += more
   out = Path(out_dir if out_dir is not None else results_dir)
   out.mkdir(parents=True, exist_ok=True)
   if all(r.get("analysis") is None for r in records):  # the zoo: no per-layer analysis
     records = sorted(records, key=lambda r: r["cell_id"])
     paths = {"table": out / "table.md", "fig_zoo": out / "fig_zoo.png"}
-    _write_text(paths["table"], zoo_markdown(records))
+    _write_text(paths["table"], zoo_markdown(records, baselines))
     fig_zoo(records, paths["fig_zoo"])
   else:
     paths = {"table": out / "table.md", "fig_C": out / "fig_C_per_layer.png",
@@ -556,8 +642,6 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     _write_text(paths["table"], markdown(records))
     fig_c_per_layer(records, paths["fig_C"])
     fig_tau_sweep(records, paths["fig_tau"])
-  baselines, more = comparison.load_records(results_dir)
-  warnings += more
   if baselines:
     paths["comparison"] = out / "comparison.md"
     _write_text(paths["comparison"], comparison_markdown(records, baselines))

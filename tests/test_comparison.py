@@ -146,3 +146,38 @@ def test_the_table_bolds_the_best_and_names_who_beats_drr():
   assert "- FP: 2,500 labelled clean images" in text and "+ fine-tuning" in text
   assert "`c`: CLP -1.00, paper DRR -6.00, DRR +0.00" in text
   assert "(n=1)" in table
+
+
+def _new(cid, model, attack, before, drr, paper):
+  rec = _rec(cid, attack, before, drr, paper)
+  rec["cell"] = {"attack": attack, "model": model, "width": 1.0 if model == "wrn28_1"
+                 else 0.25, "poison_ratio": 0.08, "seed": 0}
+  rec["config"] = {"training": {"attack": {"name": attack, "poison_ratio": 0.08}}}
+  rec["drr"] = {"directions_kept": 0}
+  return rec
+
+
+def test_the_paper_layout_groups_models_marks_best_and_second_and_averages():
+  recs = [_new("r-cla", "resnet18", "cla", (0.80, 0.90), (0.79, 0.02), (0.70, 0.01)),
+          _new("r-sig", "resnet18", "sig", (0.80, 0.80), (0.78, 0.10), (0.72, 0.05)),
+          _new("w-cla", "wrn28_1", "cla", (0.75, 0.95), (0.74, 0.03), (0.65, 0.04)),
+          _new("r-wanet", "resnet18", "wanet", (0.8, 0.99), (0.8, 0.01), (0.8, 0.01))]
+  bases = {("r-cla", "clp"): _base("r-cla", "clp", 0.78, 0.30)}
+  table = report.paper_layout(recs, bases, ("cla", "sig"))
+  lines = table.splitlines()
+  assert lines[0] == ("| Model | Attack | Backdoored ACC | Backdoored ASR | CLP ACC | "
+                      "CLP ASR | paper DRR ACC | paper DRR ASR | DRR ACC | DRR ASR |")
+  assert "WaNet" not in table  # Table 2's attack is not in Table 1
+  # ResNet-18 x0.25 first (the paper's model order), CLA before SIG; best bold, second
+  # underlined among the methods, separately for ACC (higher) and ASR (lower)
+  assert lines[2] == ("| ResNet-18 x0.25 | Clean-label (CLA) | 80.00 | 90.00 | <u>78.00</u> | "
+                      "30.00 | 70.00 | **1.00** | **79.00** | <u>2.00</u> |")
+  assert lines[3].startswith("|  | SIG | 80.00 | 80.00 | – | – |")
+  # a per-model average only over the methods run on all its rows; then the overall one
+  assert lines[4] == ("|  | *Average* | 80.00 | 85.00 | – | – | <u>71.00</u> | **3.00** "
+                      "| **78.50** | <u>6.00</u> |")
+  assert lines[5].startswith("| WRN-28-1 | Clean-label (CLA) | 75.00 | 95.00 |")
+  assert lines[6].startswith("| **Average** |  | 78.33 | 88.33 | – | – |")
+  md = report.zoo_markdown(recs, bases)
+  assert "## The paper's Table 1 layout (clean-label attacks), test set" in md
+  assert "## The paper's Table 2 layout (attacks that control training), test set" in md
