@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from tqdm.auto import tqdm
 
 from drr_jax import sharding
 
@@ -239,15 +238,8 @@ def extract(model: nn.Module | Callable, variables: Any, images: np.ndarray,
   chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
   mean_chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
   mesh = sharding.batch_mesh()
-  batch_size = sharding.padded(batch_size, mesh)  # whole device shares
   variables = sharding.replicate(variables, mesh)
-  n = len(images)
-  for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-    x = images[i:i + batch_size]
-    m = len(x)
-    if m < batch_size and n > batch_size:  # pad: one compiled program for every batch
-      x = np.concatenate([x, np.repeat(x[-1:], batch_size - m, 0)])
-    x, _ = sharding.shard_batch(x, mesh)  # a lone short batch: padded to whole shares
+  for x, m in sharding.batches(images, batch_size, mesh, progress=progress, desc=desc):
     out, means = sharding.to_host(fn(variables, x))
     for k, v in out.items():
       rows = v.shape[0] // x.shape[0] * m

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from drr_jax import features, sharding
 
@@ -37,16 +36,8 @@ def predict(model: nn.Module | ApplyFn, variables: Any, images: np.ndarray,
     raise ValueError(f"expected a non-empty batch (N, H, W, C), got shape {images.shape}")
   fn = _jitted(model)
   mesh = sharding.batch_mesh()
-  batch_size = sharding.padded(batch_size, mesh)
   variables = sharding.replicate(variables, mesh)
-  out = []
-  n = len(images)
-  # Pad the last batch so one compiled program serves every batch.
-  for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-    x = images[i:i + batch_size]
-    m = len(x)
-    if m < batch_size and n > batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - m, *x.shape[1:]), x.dtype)])
-    x, _ = sharding.shard_batch(x, mesh)  # a lone short batch: to whole device shares
-    out.append(np.asarray(sharding.to_host(fn(variables, x)))[:m])
+  out = [np.asarray(sharding.to_host(fn(variables, x)))[:m]
+         for x, m in sharding.batches(images, batch_size, mesh, progress=progress,
+                                      desc=desc)]
   return np.concatenate(out)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 AXIS = "batch"
 DISTRIBUTED_ENV = "DRR_DISTRIBUTED"
@@ -91,6 +92,25 @@ def shard_batch(x: Any, mesh: Mesh | None = None, axis: int = 0) -> tuple[Any, i
     x = xp.concatenate([x, xp.repeat(last, pad, axis=axis)], axis=axis)
   spec = P(*([None] * axis), AXIS)
   return _put(x, NamedSharding(mesh, spec)), n
+
+
+def batches(images: np.ndarray, batch_size: int, mesh: Mesh | None = None, *,
+            progress: bool = False, desc: str = "batches") -> Iterator[tuple[Any, int]]:
+  """(batch split over the mesh, its true length) for the consecutive batches of images.
+
+  Every batch has the same size, batch_size rounded up to whole device shares, the last
+  one padded by repeating its last image, so that one compiled program serves them all;
+  a lone batch shorter than that is padded only to whole shares. The caller drops what
+  the padding adds: results past the true length."""
+  mesh = mesh or batch_mesh()
+  size = padded(batch_size, mesh)
+  n = len(images)
+  for i in tqdm(range(0, n, size), desc=desc, disable=not progress, leave=False):
+    x = images[i:i + size]
+    m = len(x)
+    if m < size and n > size:
+      x = np.concatenate([x, np.repeat(x[-1:], size - m, 0)])
+    yield shard_batch(x, mesh)[0], m
 
 
 def replicate(tree: Any, mesh: Mesh | None = None) -> Any:

@@ -46,6 +46,9 @@ out["shard_n"] = np.int64(n)
 out["shard_rows"] = np.asarray(xs)
 out["shard_per_device"] = np.asarray([s.data.shape[0] for s in xs.addressable_shards]
                                      if isinstance(xs, jax.Array) else [len(xs)])
+# batches: batch size 5 rounded up to whole device shares, the last batch padded
+out["batches"] = np.asarray([(np.asarray(b).shape[0], m)
+                             for b, m in sharding.batches(x, 5, mesh)])
 
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (512, 32, 32, 3)).astype(np.uint8)
@@ -175,6 +178,19 @@ def test_shard_batch_pads_to_whole_device_shares(runs):
   np.testing.assert_array_equal(r["shard_rows"][:21], x)  # unpadded: the rows as given
   np.testing.assert_array_equal(r["shard_rows"][21:], np.repeat(x[-1:], 3, 0))
   assert int(runs[1]["shard_n"]) == 21 and runs[1]["shard_rows"].shape == (21, 3)
+  assert r["batches"].tolist() == [[8, 8], [8, 8], [8, 5]]
+  assert runs[1]["batches"].tolist() == [[5, 5]] * 4 + [[5, 1]]
+
+
+def test_batches_have_one_size_pad_with_the_last_image_and_give_true_lengths():
+  mesh = sharding.batch_mesh(jax.devices()[:1])
+  x = np.arange(12)[:, None]
+  got = list(sharding.batches(x, 5, mesh))
+  assert [m for _, m in got] == [5, 5, 2]
+  assert [len(b) for b, _ in got] == [5, 5, 5]  # one compiled program for all
+  assert got[-1][0][:, 0].tolist() == [10, 11, 11, 11, 11]
+  lone = list(sharding.batches(x[:3], 5, mesh))  # a lone short batch is not padded
+  assert [(len(b), m) for b, m in lone] == [(3, 3)]
 
 
 def test_predictions_on_8_devices_equal_one(runs):

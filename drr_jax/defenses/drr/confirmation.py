@@ -59,15 +59,8 @@ class Confirmer:
     fn = features.located_fn(self.model, layer, outputs=outputs)
     mesh = sharding.batch_mesh()
     vj, variables = sharding.replicate((jnp.asarray(v, jnp.float32), variables), mesh)
-    batch = sharding.padded(self.batch, mesh)  # whole device shares
-    out = []
-    for i in range(0, len(self.images), batch):
-      x = self.images[i:i + batch]
-      m = len(x)
-      if m < batch:  # pad: one compiled program for every batch
-        x = np.concatenate([x, np.repeat(x[-1:], batch - m, 0)])
-      x, _ = sharding.shard_batch(x, mesh)
-      out.append(np.asarray(sharding.to_host(fn(variables, x, vj)))[:m])
+    out = [np.asarray(sharding.to_host(fn(variables, x, vj)))[:m]
+           for x, m in sharding.batches(self.images, self.batch, mesh)]
     return np.concatenate(out).astype(np.float64)
 
   def _changed(self, variables: Any, trial: Any, rows: np.ndarray) -> np.ndarray:
