@@ -352,6 +352,57 @@ NEW_ATTACK_TABLES = (("Table 1 layout (clean-label attacks)", ("cla", "sig")),
                      ("Table 2 layout (attacks that control training)", ("wanet", "iab")))
 
 
+# The bars the issues set (ASR, ACC drop, clean model's drop; fractions): the zoo's, and
+# the new attacks' (issue 14: ASR <= 5 %, ACC drop <= 2 points).
+ZOO_BAR = (0.05, 0.015, 0.003)
+NEW_ATTACKS_BAR = (0.05, 0.02, 0.003)
+
+
+def bar_of(rec: dict[str, Any]) -> tuple[float, float, float]:
+  return NEW_ATTACKS_BAR if rec["cell_id"].startswith("new-") else ZOO_BAR
+
+
+def misses(records: Sequence[dict[str, Any]], split: str = "test"
+           ) -> list[tuple[dict[str, Any], str]]:
+  """(record, what it misses) for every model where DRR misses its bar on `split`: test
+  ASR above it, or an ACC drop above it (a clean model: its own, smaller bar)."""
+  out = []
+  for r in records:
+    max_asr, max_drop, max_clean_drop = bar_of(r)
+    b, a = r["before"][split], r["after"][split]
+    drop = b["acc"] - a["acc"]
+    why = []
+    if r["cell"]["attack"] == "none":
+      if drop > max_clean_drop + 5e-5:
+        why.append(f"a clean model loses {100 * drop:.2f} ACC points (bar "
+                   f"{100 * max_clean_drop:g})")
+    else:
+      if a["asr"] is not None and a["asr"] > max_asr + 5e-5:
+        why.append(f"ASR {_pct(a['asr'])} % (bar {100 * max_asr:g})")
+      if drop > max_drop + 5e-5:
+        why.append(f"ACC drop {100 * drop:.2f} points (bar {100 * max_drop:g})")
+    if why:
+      out.append((r, "; ".join(why)))
+  return out
+
+
+def misses_markdown(records: Sequence[dict[str, Any]]) -> list[str]:
+  """A section per model that misses its bar: what it misses and DRR's per-layer report
+  (`format_report`: each unit's criterion, tail flips, what was kept)."""
+  from drr_jax.defenses.drr import format_report
+  found = misses(records)
+  if not found:
+    return []
+  out = ["", "## Where DRR misses the bar (test set), with its per-layer report", ""]
+  for r, why in found:
+    b, a = r["before"]["test"], r["after"]["test"]
+    out += [f"### `{r['cell_id']}`: {why}", "",
+            f"{_attack_text(r)}; backdoored {_pct(b['acc'])} / {_pct(b['asr'])}, DRR "
+            f"{_pct(a['acc'])} / {_pct(a['asr'])}.", "", "```", format_report(r["drr"]),
+            "```", ""]
+  return out
+
+
 def zoo_markdown(records: Sequence[dict[str, Any]],
                  baselines: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
   """table.md of a zoo half (or of the new-attacks grid): test and validation tables,
@@ -381,6 +432,7 @@ def zoo_markdown(records: Sequence[dict[str, Any]],
       out.append(f"- `{r['cell_id']}`: DRR {100 * (a - b):+.2f} points "
                  f"({r['drr'].get('directions_kept', 0)} direction(s) removed); paper DRR "
                  + (f"{100 * (p - b):+.2f} points" if p is not None else "–"))
+  out += misses_markdown(records)
   return "\n".join(out) + "\n"
 
 

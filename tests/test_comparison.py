@@ -153,7 +153,9 @@ def _new(cid, model, attack, before, drr, paper):
   rec["cell"] = {"attack": attack, "model": model, "width": 1.0 if model == "wrn28_1"
                  else 0.25, "poison_ratio": 0.08, "seed": 0}
   rec["config"] = {"training": {"attack": {"name": attack, "poison_ratio": 0.08}}}
-  rec["drr"] = {"directions_kept": 0}
+  from drr_jax.defenses import default_config
+  rec["drr"] = {"layers": [], "directions_kept": 0, "layers_projected": [],
+                "config": default_config(), "feature_passes": 1, "seconds": 1.0}
   return rec
 
 
@@ -181,3 +183,19 @@ def test_the_paper_layout_groups_models_marks_best_and_second_and_averages():
   md = report.zoo_markdown(recs, bases)
   assert "## The paper's Table 1 layout (clean-label attacks), test set" in md
   assert "## The paper's Table 2 layout (attacks that control training), test set" in md
+
+
+def test_misses_name_the_bar_each_model_misses_with_its_per_layer_report():
+  recs = [_new("ho-a", "resnet18", "badnets", (0.80, 1.0), (0.79, 0.02), (0.7, 0.0)),
+          _new("ho-b", "resnet18", "badnets", (0.80, 1.0), (0.78, 0.02), (0.7, 0.0)),
+          _new("new-c", "resnet18", "sig", (0.80, 1.0), (0.78, 0.02), (0.7, 0.0)),
+          _new("ho-d", "resnet18", "blended", (0.80, 1.0), (0.80, 0.16), (0.7, 0.0)),
+          _new("ho-e", "resnet18", "none", (0.80, None), (0.796, None), (0.7, None))]
+  found = {r["cell_id"]: why for r, why in report.misses(recs)}
+  # a 1-point drop passes the zoo's 1.5; 2 points miss it but pass the new attacks' 2
+  assert found == {"ho-b": "ACC drop 2.00 points (bar 1.5)",
+                   "ho-d": "ASR 16.00 % (bar 5)",
+                   "ho-e": "a clean model loses 0.40 ACC points (bar 0.3)"}
+  text = "\n".join(report.misses_markdown(recs))
+  assert "### `ho-d`: ASR 16.00 % (bar 5)" in text and "```" in text
+  assert "### `ho-a`" not in text and "### `new-c`" not in text
