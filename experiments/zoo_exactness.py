@@ -23,9 +23,13 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--root", default="artifacts/checkpoints")
   p.add_argument("--images", type=int, default=16)
+  p.add_argument("--only", nargs="*", default=[], metavar="SUBSTRING",
+                 help="only the checkpoints whose name contains one of these")
   args = p.parse_args()
   images = jnp.asarray(data.load_split("test")[0][:args.images])
   for folder in sorted(Path(args.root).iterdir()):
+    if args.only and not any(o in folder.name for o in args.only):
+      continue
     model, variables, _, _ = checkpoint.load_model(folder)
     found = sites.find_sites(model, variables, images[:4])
     logits = model.apply(variables, images, train=False)
