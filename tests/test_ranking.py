@@ -1,5 +1,6 @@
 """Ranked mode: every unit's candidates confirmed alone, removed least collateral first."""
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -164,3 +165,35 @@ def test_flip_on_majority_judges_a_first_round_candidate_by_its_majority_class_i
                                        if k != "majority_flip"})  # an empty tail
   with pytest.raises(Exception, match="flip_on"):
     make_config({"flip_on": "nope"})
+
+
+def test_collateral_is_measured_only_where_the_tail_passes_and_decisions_stay(monkeypatch):
+  """The confirmation skips the collateral images of a candidate whose tail already
+  fails: the same directions and params as measuring every candidate, fewer images
+  predicted, and None where nothing was measured."""
+  from drr_jax import inference
+  from drr_jax.defenses.drr import confirmation
+  images, v, _ = _case()
+  cfg = {"side": "input", "tau": 0.0, "confirm_samples": 2000, "carry": False}
+  counted = []
+  predict = inference.predict
+
+  def counting(model, variables, x, *a, **k):
+    counted.append(len(x))
+    return predict(model, variables, x, *a, **k)
+  monkeypatch.setattr(inference, "predict", counting)
+  lazy, rep_lazy = defend(Chain(), v, images, config=cfg, progress=False)
+  n_lazy, counted[:] = sum(counted), []
+  check = confirmation.Confirmer.check
+  monkeypatch.setattr(confirmation.Confirmer, "check",
+                      lambda self, *a, gate=None, **k: check(self, *a, **k))
+  full, rep_full = defend(Chain(), v, images, config=cfg, progress=False)
+  n_full = sum(counted)
+  assert rep_lazy["layers_projected"] == rep_full["layers_projected"] != []
+  for a, b in zip(jax.tree_util.tree_leaves(lazy), jax.tree_util.tree_leaves(full)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  checks = [c for e in rep_lazy["layers"] for c in e.get("checks", [])]
+  skipped = [c for c in checks if c["collateral"] is None]
+  assert skipped and all(c["tail_flip"] < cfg.get("min_tail_flip", 0.6) or
+                         "residual" in c for c in skipped)
+  assert n_lazy < n_full, (n_lazy, n_full)

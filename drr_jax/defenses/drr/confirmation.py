@@ -107,7 +107,8 @@ class Confirmer:
     return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
 
   def check(self, variables: Any, trial: Any, tail: np.ndarray,
-            original: np.ndarray | None = None) -> dict[str, float]:
+            original: np.ndarray | None = None,
+            gate: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Tail-flip and collateral statistics of a trial network; tail: per-image mask over
     the defense set. The trial predicts only the tail images and the non-tail ones among
     `side`, not the whole confirmation set. Also recorded, for analysis (no decision reads
@@ -116,13 +117,14 @@ class Confirmer:
     most that part). With `original` (the original network's predictions), also the
     residual statistics of `check_residual` from the same predictions: how many tail
     images the network still predicts as the original did, and the share of them the
-    trial changes."""
+    trial changes. With `gate`, a test of the tail statistics alone: where it fails, the
+    candidate fails whatever its collateral, so the collateral images are not predicted
+    and 'collateral' and 'class_collateral' are None."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
     changed = self._changed(variables, trial, rows) if len(rows) else None
-    flip, collateral, class_collateral = self._flips(variables, trial, tail, rows, changed)
-    out = {"tail_frac": float(len(rows) / len(self.idx)), "tail_flip": flip,
-           "collateral": collateral, "class_collateral": class_collateral}
+    out: dict[str, Any] = {"tail_frac": float(len(rows) / len(self.idx)),
+                           "tail_flip": float(np.mean(changed)) if len(rows) else 0.0}
     if len(rows):
       base = self.base(variables)[rows]
       major = base == np.bincount(base).argmax()
@@ -132,4 +134,9 @@ class Confirmer:
       still = self.base(variables)[rows] == original[rows]
       out["residual"] = int(still.sum())
       out["residual_flip"] = float(np.mean(changed[still])) if still.any() else 0.0
+    if gate is not None and not gate(out):
+      out.update(collateral=None, class_collateral=None)
+      return out
+    _, out["collateral"], out["class_collateral"] = self._flips(variables, trial, tail,
+                                                                rows, changed)
     return out

@@ -50,25 +50,32 @@ class Scored(NamedTuple):
   stats: dict[str, Any]
 
 
-def passes(run: Run, stats: Mapping[str, Any]) -> bool:
-  """Whether a candidate's removal passes confirmation: it changes most of its tail (or,
-  with flip_on='majority', of the tail images in the tail's majority class), and few
-  other images, and few of the other images in the tail's majority class. In a later
+def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
+  """The part of `passes` that reads the tail alone: it changes most of its tail (or,
+  with flip_on='majority', of the tail images in the tail's majority class). In a later
   round (stats carry 'residual'): most of the tail images still predicted as the original
   network did, at least MIN_TAIL of them, and a tail mostly inside those removed before."""
   cfg = run.cfg
-  gates = (stats["collateral"] <= cfg.max_collateral
-           and stats["class_collateral"] <= cfg.max_class_collateral)
   if "residual" in stats:
     overlap = stats.get("overlap")
-    return bool(gates and stats["residual"] >= MIN_TAIL
+    return bool(stats["residual"] >= MIN_TAIL
                 and stats["residual_flip"] >= cfg.min_tail_flip
                 and (cfg.tail_overlap is None
                      or (overlap is not None and overlap >= cfg.tail_overlap)))
   flip = (stats.get("majority_flip", 0.0) if cfg.flip_on == "majority"
           else stats["tail_flip"])
-  return bool(gates and flip >= cfg.min_tail_flip
+  return bool(flip >= cfg.min_tail_flip
               and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL)
+
+
+def passes(run: Run, stats: Mapping[str, Any]) -> bool:
+  """Whether a candidate's removal passes confirmation: `tail_passes`, and it changes few
+  other images, and few of the other images in the tail's majority class (collateral
+  None: not measured, because the tail failed)."""
+  cfg = run.cfg
+  return bool(tail_passes(run, stats) and stats["collateral"] is not None
+              and stats["collateral"] <= cfg.max_collateral
+              and stats["class_collateral"] <= cfg.max_class_collateral)
 
 
 def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
@@ -94,11 +101,13 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
     benign = means[~tail].mean(0).astype(np.float64)
     trial, mean_kept, coverage = run.removal.project(
         variables, unit, v[:, None].astype(np.float32), benign, coverage)
+    extra = ({} if later is None else
+             {"overlap": candidates.tail_overlap(later.removed_tails, tail)})
+    # the collateral is measured only for a candidate whose tail passes
     stats = run.confirmer.check(variables, trial, tail,
-                                None if later is None else later.original)
-    stats.update(column=int(j), mean_kept=mean_kept)
-    if later is not None:
-      stats["overlap"] = candidates.tail_overlap(later.removed_tails, tail)
+                                None if later is None else later.original,
+                                gate=lambda st: tail_passes(run, {**st, **extra}))
+    stats.update(column=int(j), mean_kept=mean_kept, **extra)
     scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
 
@@ -129,7 +138,8 @@ def residual_candidates(run: Run, variables: Mapping[str, Any], unit: str,
   benign = means[~residual].mean(0).astype(np.float64)
   trial, mean_kept, coverage = run.removal.project(
       variables, unit, v[:, None].astype(np.float32), benign, coverage)
-  stats = run.confirmer.check(variables, trial, residual)
+  stats = run.confirmer.check(variables, trial, residual,
+                              gate=lambda st: st["tail_flip"] >= run.cfg.min_tail_flip)
   stats.update(column=-1, mean_kept=mean_kept, residual=int(residual.sum()),
                residual_flip=stats["tail_flip"], overlap=1.0, source="residual_tail")
   return [Scored(unit, -1, v, residual, benign, stats)], coverage
