@@ -37,6 +37,8 @@ def main() -> None:
   p.add_argument("--subset", type=int, default=10000, help="defense images")
   p.add_argument("--sites", nargs="+", required=True)
   p.add_argument("--ridge", type=float, default=1e-3, help="of the mean eigenvalue")
+  p.add_argument("--jointly", action="store_true",
+                 help="also every named site's d removed at once (orthogonal, folded)")
   args = p.parse_args()
   model, variables, meta, record = checkpoint.load_model(args.checkpoint)
   cfg = meta["config"]
@@ -53,6 +55,7 @@ def main() -> None:
   print(f"{args.checkpoint}: {is_poison.sum()} poisoned of {len(images)}", flush=True)
   print(f"{'site':36s} {'way':9s} {'pflip':>5s} {'coll':>5s} {'ACC':>6s} {'ASR':>6s}")
   orthogonal = sites._project
+  joint = variables
   for name in args.sites:
     s = found[name]
     fn = features.pooled_fn(model, outputs=s.side == "output", pooling="max",
@@ -69,6 +72,9 @@ def main() -> None:
     w = np.linalg.solve(cov, d)
     b = w / (w @ d)
     m = means[~is_poison].mean(0)
+    if args.jointly:  # d and m from the original network's features (an oracle anyway)
+      joint, _ = sites.fold_with_mean(model, joint, s, d[:, None].astype(np.float32), m,
+                                      probe)
     for way, frame, project in (("orthogonal", d[:, None], orthogonal),
                                 ("oblique", np.stack([d, b], 1), _oblique)):
       sites._project = project
@@ -82,6 +88,13 @@ def main() -> None:
       print(f"{name:36s} {way:9s} {changed[is_poison].mean():5.2f} "
             f"{changed[~is_poison].mean():5.3f} {100 * r['acc']:6.2f} "
             f"{100 * r['asr']:6.2f}", flush=True)
+  if args.jointly:
+    after = evaluate.predict(model, joint, images, progress=False)
+    r = evaluate.evaluate(model, joint, ds.val, trigger, acfg, progress=False)
+    changed = after != base
+    print(f"{'all named sites at once':36s} {'orthogonal':9s} {changed[is_poison].mean():5.2f} "
+          f"{changed[~is_poison].mean():5.3f} {100 * r['acc']:6.2f} {100 * r['asr']:6.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":
