@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from drr_jax import checkpoint, configs, datasets, utils
 from drr_jax.defenses import get_defense
+from drr_jax import experiment
 from drr_jax.experiment import SCHEMA, metrics, train_cell
 from drr_jax.grid import Cell, cell_config, cell_id
 
@@ -61,14 +62,7 @@ def record_path(results_dir: str | os.PathLike, cell: Cell, method: str) -> Path
 
 def check_record(rec: Any) -> str | None:
   """What makes a parsed baseline record unusable, or None when it is complete."""
-  if not isinstance(rec, dict):
-    return "not a JSON object"
-  if rec.get("schema") != SCHEMA:
-    return f"schema {rec.get('schema')!r}, expected {SCHEMA}"
-  if rec.get("status") != "done":
-    return f"status {rec.get('status')!r}"
-  missing = [k for k in REQUIRED if k not in rec]
-  return f"fields {missing} missing" if missing else None
+  return experiment.check_record(rec, REQUIRED)
 
 
 def is_done(path: Path, config: dict[str, Any]) -> bool:

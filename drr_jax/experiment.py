@@ -65,16 +65,16 @@ REQUIRED = ("cell_id", "cell", "config", "before", "after", "drr", "analysis", "
             "machine", "date")
 
 
-def check_record(rec: Any) -> str | None:
+def check_record(rec: Any, required: Sequence[str] = REQUIRED) -> str | None:
   """What makes a parsed record unusable (not an object, another schema, not 'done', a
-  field missing), or None when it is complete."""
+  field of `required` missing), or None when it is complete."""
   if not isinstance(rec, dict):
     return "not a JSON object"
   if rec.get("schema") != SCHEMA:
     return f"schema {rec.get('schema')!r}, expected {SCHEMA}"
   if rec.get("status") != "done":
     return f"status {rec.get('status')!r}"
-  missing = [k for k in REQUIRED if k not in rec]
+  missing = [k for k in required if k not in rec]
   if missing:
     return f"fields {missing} missing"
   return None

@@ -483,6 +483,11 @@ def _method_result(rec: dict[str, Any], baselines: dict[tuple[str, str], dict[st
   return (b["after"][split], b["seconds"]) if b else (None, None)
 
 
+def _methods(baselines: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+  """DRR, the paper mode and every baseline that has a record, in COMPARED's order."""
+  return [m for m in COMPARED if m in ("drr", "paper") or any(k[1] == m for k in baselines)]
+
+
 def _better_than(m: dict[str, Any], ref: dict[str, Any]) -> bool:
   """m at least as good as ref on ACC and ASR, and better on one (by 0.01 points)."""
   if m is None or ref is None or m["asr"] is None or ref["asr"] is None:
@@ -497,8 +502,7 @@ def comparison_table(records: Sequence[dict[str, Any]],
   """Backdoored and every method's ACC / ASR (%) on `split`, one row per model, the best
   ACC and the lowest ASR of each row in bold; the methods that beat DRR on both; the mean
   over the backdoored models (each column over the models it was run on)."""
-  methods = [m for m in COMPARED if m in ("drr", "paper")
-             or any(k[1] == m for k in baselines)]
+  methods = _methods(baselines)
   head = (["model", "backdoored"] + [COMPARED_NAMES[m] for m in methods]
           + ["better than DRR on both"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -572,8 +576,7 @@ def paper_layout(records: Sequence[dict[str, Any]],
   model and of every method run; among the methods, the best in bold and the second
   best underlined, as the paper marks them."""
   recs = [r for r in records if r["cell"]["attack"] in attacks]
-  methods = [m for m in COMPARED if m in ("drr", "paper")
-             or any(k[1] == m for k in baselines)]
+  methods = _methods(baselines)
   head = ["Model", "Attack", "Backdoored ACC", "Backdoored ASR"]
   for m in methods:
     head += [f"{COMPARED_NAMES[m]} ACC", f"{COMPARED_NAMES[m]} ASR"]
@@ -640,8 +643,7 @@ def comparison_markdown(records: Sequence[dict[str, Any]],
   for split in ("test", "val"):
     out += ["", f"## {'Test' if split == 'test' else 'Validation'} set", "",
             comparison_table(records, baselines, split)]
-  methods = [m for m in COMPARED if m in ("drr", "paper")
-             or any(k[1] == m for k in baselines)]
+  methods = _methods(baselines)
   out += ["", "## Data each method uses", ""]
   out += [f"- {COMPARED_NAMES[m]}: {_budget(m, baselines)}" for m in methods]
   out += ["", "## Seconds per model (the defense alone, wall clock on the record's "
