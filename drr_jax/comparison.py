@@ -66,11 +66,9 @@ def check_record(rec: Any) -> str | None:
 
 
 def is_done(path: Path, config: dict[str, Any]) -> bool:
-  try:
-    rec = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-    return False
-  return check_record(rec) is None and rec.get("config") == config
+  """Whether the record at path is complete and was made with `config`."""
+  rec, _ = experiment.read_record(path, REQUIRED)
+  return rec is not None and rec.get("config") == config
 
 
 class Model(NamedTuple):
@@ -102,12 +100,12 @@ def load_cell(cell: Cell, data_dir: str | os.PathLike | None, ckpt_root: str | o
 
 
 def run_baseline(loaded: Model, method: str, results_dir: str | os.PathLike, *,
-                 overrides: Sequence[str] = (), progress: bool = True,
+                 config: dict[str, Any], progress: bool = True,
                  git: dict[str, Any] | None = None) -> dict[str, Any]:
-  """One method on one loaded model; writes and returns its record."""
+  """One method on one loaded model, with its `baseline_config`; writes and returns its
+  record."""
   git = git if git is not None else utils.git_commit()
-  cell, ds = loaded.cell, loaded.ds
-  cfg = baseline_config(cell, method, overrides)
+  cell, ds, cfg = loaded.cell, loaded.ds, config
   defense = get_defense(method)
   acfg = cfg["training"]["attack"]
   clean = (ds.val.images, ds.val.labels) if defense.needs_clean else None
@@ -160,8 +158,8 @@ def run_baselines(cells: Sequence[Cell], methods: Sequence[str],
         loaded = None  # the previous cell's model and data are freed first
         loaded = load_cell(cell, data_dir, ckpt_root, cache_dir=cache_dir,
                            progress=progress, export_root=export_root)
-      run_baseline(loaded, method, results_dir, overrides=overrides, progress=progress,
-                   git=git)
+      run_baseline(loaded, method, results_dir, config=configs_[cell_id(cell), method],
+                   progress=progress, git=git)
     except Exception as e:  # noqa: BLE001 - one failing method must not stop the rest
       err.parent.mkdir(parents=True, exist_ok=True)
       err.write_text(traceback.format_exc())
@@ -179,12 +177,7 @@ def load_records(results_dir: str | os.PathLike
   file skipped."""
   out, warnings = {}, []
   for path in sorted((Path(results_dir) / "baselines").glob("*.json")):
-    try:
-      rec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      warnings.append(f"baselines/{path.name}: skipped, cannot parse ({type(e).__name__})")
-      continue
-    problem = check_record(rec)
+    rec, problem = experiment.read_record(path, REQUIRED)
     if problem:
       warnings.append(f"baselines/{path.name}: skipped, {problem}")
       continue

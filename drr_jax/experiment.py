@@ -80,6 +80,18 @@ def check_record(rec: Any, required: Sequence[str] = REQUIRED) -> str | None:
   return None
 
 
+def read_record(path: str | os.PathLike, required: Sequence[str] = REQUIRED
+                ) -> tuple[dict[str, Any] | None, str | None]:
+  """(the record at path, None), or (None, what makes it unusable: unparsable, or
+  `check_record`'s reason)."""
+  try:
+    rec = json.loads(Path(path).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    return None, f"cannot parse ({type(e).__name__}: {e})"
+  problem = check_record(rec, required)
+  return (None, problem) if problem else (rec, None)
+
+
 def record_status(path: str | os.PathLike, config: dict[str, Any]) -> str:
   """'done' if the record at path can be trusted for `config`; else 'missing' or a reason
   starting with 'invalid' (unreadable, wrong schema, unfinished) or 'stale' (made with
@@ -87,11 +99,7 @@ def record_status(path: str | os.PathLike, config: dict[str, Any]) -> str:
   path = Path(path)
   if not path.is_file():
     return "missing"
-  try:
-    rec = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    return f"invalid: cannot parse ({type(e).__name__}: {e})"
-  problem = check_record(rec)
+  rec, problem = read_record(path)
   if problem:
     return f"invalid: {problem}"
   if rec.get("config") != config:

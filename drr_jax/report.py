@@ -11,7 +11,6 @@ records always give the same bytes.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from drr_jax import comparison, utils
-from drr_jax.experiment import check_record
+from drr_jax.experiment import read_record
 
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
           "the PNG originals.")
@@ -66,12 +65,7 @@ def load_records(results_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], 
   a warning for each *.json that was skipped."""
   records, warnings = [], []
   for path in sorted(Path(results_dir).glob("*.json")):
-    try:
-      rec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      warnings.append(f"{path.name}: skipped, cannot parse ({type(e).__name__}: {e})")
-      continue
-    problem = check_record(rec)
+    rec, problem = read_record(path)
     if problem:
       warnings.append(f"{path.name}: skipped, {problem}")
       continue
