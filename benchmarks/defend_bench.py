@@ -258,7 +258,7 @@ def run_defend(model, variables, images, config: dict[str, Any], progress: bool
   phases = Phases()
   with instrumented(phases), PeakRss() as mem:
     t0 = time.perf_counter()
-    _, report = defend(model, variables, images, config=config, progress=progress)
+    defended, report = defend(model, variables, images, config=config, progress=progress)
     seconds = time.perf_counter() - t0
   split = dict(phases.seconds)
   split["other"] = max(seconds - sum(split.values()), 0.0)
@@ -271,7 +271,23 @@ def run_defend(model, variables, images, config: dict[str, Any], progress: bool
           "layers_projected": report["layers_projected"], "units": len(first),
           "layer_visits": len(widths),
           "features_mb": len(images) * sum(first.values()) * 4 / 2**20,
-          "peak_rss_mb": mem.peak, "rss_before_mb": mem.start}
+          "peak_rss_mb": mem.peak, "rss_before_mb": mem.start,
+          "_variables": defended, "_report": report}
+
+
+def save_decisions(folder: str, spec: str, mode: str, run: dict[str, Any]) -> None:
+  """<folder>/<model>.<mode>.npz: the defended variables (flattened, float32) and each
+  layer visit's kept directions, for `benchmarks/same_decisions.py` to compare two code
+  versions."""
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(run["_variables"])[0]}
+  kept = [{"layer": e["layer"], "directions": e["directions"]}
+          for e in run["_report"]["layers"] if e["kept"]]
+  kept += [{"layer": f"carried {c['from']} -> {c['to']}", "directions": []}
+           for c in run["_report"].get("carried", []) if c["kept"]]
+  os.makedirs(folder, exist_ok=True)
+  name = Path(spec.rstrip("/")).name.replace(":", "_").replace("@", "_")
+  np.savez(Path(folder) / f"{name}.{mode}.npz", __kept__=json.dumps(kept), **flat)
 
 
 def bench_model(spec: str, args) -> dict[str, Any]:
@@ -288,7 +304,10 @@ def bench_model(spec: str, args) -> dict[str, Any]:
     if mode == "floor":
       out["runs"]["floor"] = floor(model, variables, images, args.batch_size, args.progress)
     else:
-      out["runs"][mode] = run_defend(model, variables, images, configs[mode], args.progress)
+      run = run_defend(model, variables, images, configs[mode], args.progress)
+      if args.save:
+        save_decisions(args.save, spec, mode, run)
+      out["runs"][mode] = {k: v for k, v in run.items() if not k.startswith("_")}
   base = out["runs"].get("floor", {}).get("seconds")
   for r in out["runs"].values():
     r["x_floor"] = r["seconds"] / base if base else None
@@ -375,6 +394,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="random uint8 images instead of CIFAR-10 (tests)")
   p.add_argument("--progress", action="store_true", help="tqdm bars on stderr")
   p.add_argument("--json", help="also write the figures here")
+  p.add_argument("--save", metavar="DIR", help="also save each defend run's variables "
+                 "and kept directions to DIR/<model>.<mode>.npz (compare two code "
+                 "versions with benchmarks/same_decisions.py)")
   p.add_argument("--devices", type=int, nargs="+", metavar="D",
                  help="scaling: every run once per device count, each in a subprocess "
                  "with D devices (virtual CPU devices on a CPU), e.g. --devices 1 2 4 8")

@@ -261,7 +261,9 @@ def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
     if bias_path in params:
       params[bias_path] = (params[bias_path] + s).astype(params[bias_path].dtype)
     else:
-      pending[name] = jnp.asarray(s, jnp.float32)
+      # host arrays, like the zeros below: a committed device array in one slot and not
+      # in another would make jit compile a new program for every layer that is shifted
+      pending[name] = np.asarray(s, np.float32)
   stats = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
 
   def build():
@@ -272,7 +274,7 @@ def absorb_shifts(model: nn.Module | Callable, variables: Mapping[str, Any],
 
   if not pending:
     return build(), True
-  none = {name: jnp.zeros(k.shape[-1:], jnp.float32)
+  none = {name: np.zeros(k.shape[-1:], np.float32)
           for name, k in features.layer_kernels(variables["params"]).items()}
   target, target_in = _run_shifted(model, variables, probe, {**none, **pending})
   scale = max(1.0, float(jnp.max(jnp.abs(target))))

@@ -61,6 +61,30 @@ def test_defend_bench_reports_every_phase_and_restores_the_library(tmp_path, cap
   assert "x floor" in printed and "TinyNet" in printed and "machine:" in printed
 
 
+def test_same_decisions_tells_equal_runs_from_different_ones(tmp_path, capsys):
+  """defend_bench --save twice on the same input gives 'same'; a changed variable or a
+  different kept layer gives 'DIFFERENT' and exit status 1."""
+  bench, same = _script("defend_bench"), _script("same_decisions")
+  args = ["--synthetic", "--n", "64", "--modes", "default", "--models",
+          f"random:{ROOT / 'tests' / 'tiny_net.py'}:TinyNet", "--set", "steps=10",
+          "--set", "tau=0.0", "--set", "min_tail_flip=0.0"]
+  for side in ("a", "b"):
+    bench.main(args + ["--save", str(tmp_path / side)])
+  (saved,) = sorted((tmp_path / "a").glob("*.npz"))
+  assert same.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+  assert "same" in capsys.readouterr().out
+  data = dict(np.load(saved))
+  leaf = next(k for k in data if k != "__kept__")
+  data[leaf] = data[leaf] + 1.0
+  np.savez(tmp_path / "b" / saved.name, **data)
+  assert same.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+  assert "DIFFERENT" in capsys.readouterr().out
+  data = dict(np.load(saved))
+  data["__kept__"] = json.dumps([{"layer": "elsewhere", "directions": []}])
+  np.savez(tmp_path / "b" / saved.name, **data)
+  assert same.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+
+
 def test_train_bench_reports_both_frameworks(tmp_path):
   torch = pytest.importorskip("torch")
   bench = _script("train_bench")

@@ -5,6 +5,8 @@ by a Flax method interceptor, to the layer's input or to its output.
 """
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -288,6 +290,37 @@ def test_absorb_shifts_equals_the_shifted_network(request, fixture, layer):
   np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, scale), rtol=0)
   assert float(jnp.max(jnp.abs(plain - want))) > 1e-2 * max(1.0, scale)
   assert jax.tree.structure(new) == jax.tree.structure(dict(variables))
+
+
+def test_absorb_shifts_compiles_one_program_for_every_layer_it_shifts(resnet):
+  """Variables placed on a device (as a restored checkpoint's are) and shifts of different
+  layers: each call reuses the program of the first; none compiles its own."""
+  model, variables = resnet
+  variables = jax.device_put(variables, jax.devices()[0])
+  kernels = features.layer_kernels(variables["params"])
+  layers = ["stage2_block1/shortcut_conv", "stage3_block1/conv1", "stage2_block2/conv2"]
+  compiled = []
+
+  class Count(logging.Handler):
+    def emit(self, record):
+      if "jit(_shifted_run)" in record.getMessage() and "compil" in record.getMessage():
+        compiled.append(record.getMessage())
+
+  handler, logger = Count(), logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      for i, layer in enumerate(layers):
+        shift = jax.device_put(  # on the device, as `mean_shift` makes it from a kernel
+            np.random.default_rng(i).normal(size=kernels[layer].shape[-1]).astype(
+                np.float32), jax.devices()[0])
+        _, ok = pj.absorb_shifts(model, variables, {layer: shift}, _images(7, 2))
+        assert ok
+        if i == 0:
+          compiled.clear()  # the first call compiles the program (if no test did before)
+  finally:
+    logger.removeHandler(handler)
+  assert compiled == []
 
 
 class ReluAfter(nn.Module):

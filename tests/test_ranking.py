@@ -197,3 +197,10 @@ def test_collateral_is_measured_only_where_the_tail_passes_and_decisions_stay(mo
   assert skipped and all(c["tail_flip"] < cfg.get("min_tail_flip", 0.6) or
                          "residual" in c for c in skipped)
   assert n_lazy < n_full, (n_lazy, n_full)
+
+
+@pytest.mark.parametrize("n,size", [(1, 64), (64, 64), (65, 128), (200, 256), (256, 256),
+                                    (257, 500), (950, 500)])
+def test_a_trial_prediction_is_padded_to_a_power_of_two_bucket_at_most_one_batch(n, size):
+  from drr_jax.defenses.drr import confirmation
+  assert confirmation.bucket(n, 500) == size

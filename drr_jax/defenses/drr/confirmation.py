@@ -20,6 +20,16 @@ import numpy as np
 from drr_jax import features, inference, sharding
 
 COLLATERAL = 1000  # confirmation images on which a removal's collateral is measured
+MIN_BUCKET = 64    # the smallest batch a trial prediction is padded to
+
+
+def bucket(n: int, batch: int) -> int:
+  """The batch size for predicting n images: the least power of two >= n (at least
+  MIN_BUCKET) where that is below `batch`, else `batch`. A tail of 150 images is then
+  predicted as 256, not padded to a whole batch of 500, and a few compiled programs
+  serve every count."""
+  size = max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+  return min(size, int(batch))
 
 
 class Confirmer:
@@ -65,13 +75,15 @@ class Confirmer:
 
   def _changed(self, variables: Any, trial: Any, rows: np.ndarray) -> np.ndarray:
     """Whether the trial's prediction differs from the current one, on images[rows]
-    (padded to whole batches, so one compiled program serves every count)."""
+    (padded to whole batches of a `bucket` size, so that a few compiled programs serve
+    every count)."""
     before = self.base(variables)[rows]
     images = self.images[rows]
-    pad = -len(rows) % self.batch
+    size = bucket(len(rows), self.batch)
+    pad = -len(rows) % size
     if pad:
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-    after = inference.predict(self.model, trial, images, self.batch, progress=False)
+    after = inference.predict(self.model, trial, images, size, progress=False)
     return before != after[:len(rows)]
 
   def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray,
