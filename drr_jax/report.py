@@ -271,6 +271,8 @@ def _split_of(rec: dict[str, Any]) -> str:
     return "dev"
   if any(grid.cell_id(c) == name for c in grid.ZOO_HELDOUT):
     return "held-out"
+  if any(grid.cell_id(c) == name for c in grid.NEW_ATTACKS):
+    return "new attacks"
   return "other"
 
 
