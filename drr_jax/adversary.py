@@ -29,7 +29,9 @@ def _hash(obj: Any) -> str:
 def clean_config(config: dict[str, Any]) -> dict[str, Any]:
   """The attacker's clean model: the victim's model and training, no attack, seed + 1."""
   cfg = copy.deepcopy(config)
-  cfg["attack"] = {**cfg["attack"], "name": "none", "poison_ratio": 0.0}
+  # The attack's own settings (CLA's PGD and trigger) do not change the clean model.
+  kept = {k: v for k, v in cfg["attack"].items() if not k.startswith("cla_")}
+  cfg["attack"] = {**kept, "name": "none", "poison_ratio": 0.0}
   cfg["seed"] = int(config["seed"]) + 1
   return cfg
 

@@ -90,6 +90,11 @@ ZOO_DEV = (
        target=2, alpha=0.12, blend_pattern="smooth"),
     _z("dev-r18-blend-noise-a20-t6-p1", "resnet18", 0.25, "blended", 0.01, 111, target=6,
        alpha=0.2, blend_pattern="noise"),
+    # Added 2026-12-06, after the first new-attacks cell (SIG on ResNet-18) showed that
+    # the tail-flip confirmation cannot confirm a clean-label trigger (docs/attacks.md):
+    # a clean-label model on which a confirmation for that kind can be chosen. Another
+    # target, frequency and seed than the new-attacks cells (target 0, f 6).
+    _z("dev-r18-sig-f4-t5-p8", "resnet18", 0.25, "sig", 0.08, 112, target=5, sig_f=4.0),
 )
 ZOO_HELDOUT = (
     _z("ho-r18-badnets5-bl-t9-p5", "resnet18", 0.25, "badnets", 0.05, 201, target=9,

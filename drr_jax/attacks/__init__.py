@@ -30,10 +30,17 @@ DEFAULT_RATIOS = {"sig": 0.08, "cla": 0.08}
 
 
 def default_settings(name: str, preset: str) -> dict[str, Any]:
-  """Settings an attack adds to a config once its name is known, where they depend on
-  the preset (IAB's schedule and network width): `grid.cell_config` and the launchers put
-  them in, so that a checkpoint's config names them and `--set` can change them."""
-  return iab.defaults(preset) if name == "iab" else {}
+  """Settings an attack adds to a config once its name is known (IAB's depend on the
+  preset: schedule and network width; SIG's signal; CLA's PGD): `grid.cell_config` and the
+  launchers put them in, so that a checkpoint's config names them and `--set` can change
+  them."""
+  if name == "iab":
+    return iab.defaults(preset)
+  if name == "sig":
+    return sig.defaults()
+  if name == "cla":
+    return cla.defaults()
+  return {}
 
 
 def resolve(config: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,12 @@ import optax
 from drr_jax.attacks.core import Trigger
 
 PGD = {"cla_eps": 12.0, "cla_step": 2.0, "cla_steps": 7}
+DEFAULTS = {**PGD, "cla_patch": 3}
+
+
+def defaults() -> dict[str, Any]:
+  """The CLA settings a config starts from: PGD's and the trigger's size."""
+  return dict(DEFAULTS)
 
 
 def settings(config: dict[str, Any]) -> tuple[float, float, int]:
@@ -43,7 +49,7 @@ def settings(config: dict[str, Any]) -> tuple[float, float, int]:
 def make_trigger(seed: int, config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger:
   """A size x size checkerboard (white where i + j is even) in all four corners."""
   del seed  # deterministic
-  size = int(config.get("cla_patch", 3))
+  size = int(config.get("cla_patch", DEFAULTS["cla_patch"]))
   h, w, c = image_shape
   if not 1 <= size <= min(h, w) // 2:
     raise ValueError(f"cla_patch must be in [1, {min(h, w) // 2}], got {size}")

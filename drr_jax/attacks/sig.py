@@ -24,10 +24,18 @@ def signal(image_shape, delta: float, f: float) -> np.ndarray:
   return np.broadcast_to(row[None, :, None], (h, w, c)).astype(np.float32)
 
 
+DEFAULTS = {"sig_delta": 40.0, "sig_f": 6.0}
+
+
+def defaults() -> dict[str, Any]:
+  """The SIG settings a config starts from (BackdoorBench's)."""
+  return dict(DEFAULTS)
+
+
 def make_trigger(seed: int, config: dict[str, Any], image_shape=(32, 32, 3)) -> Trigger:
   del seed  # the signal is deterministic
-  delta = float(config.get("sig_delta", 40.0))
-  f = float(config.get("sig_f", 6.0))
+  delta = float(config.get("sig_delta", DEFAULTS["sig_delta"]))
+  f = float(config.get("sig_f", DEFAULTS["sig_f"]))
   if not 0.0 < delta <= 255.0:
     raise ValueError(f"sig_delta must be in (0, 255], got {delta}")
   if not f > 0.0:
