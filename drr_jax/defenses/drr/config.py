@@ -89,6 +89,13 @@ class DRRConfig:
                                # whole tail ('tail') or on the tail images the network
                                # puts in the tail's majority class ('majority': a small
                                # poisoned group's tail is mostly benign images)
+  # Ranked mode: a candidate whose removal flips too little of its tail still passes
+  # the tail test if setting the other images' component along it to the tail's mean
+  # value (an implant) moves at least this share of them (those outside the tail's
+  # majority class) into that class, the tail being mostly (80 %) one class: a trigger
+  # whose poisoned images keep their labels (clean-label: SIG, CLA), which no removal
+  # can flip. None: off.
+  min_implant: float | None = None
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
@@ -229,6 +236,11 @@ def _validate(cfg: DRRConfig) -> None:
   _real("carry_link", cfg.carry_link)
   if not -1.0 <= cfg.carry_link <= 1.0:
     raise DefenseError(f"carry_link must be in [-1, 1], got {cfg.carry_link!r}")
+  if cfg.min_implant is not None:
+    _real("min_implant", cfg.min_implant)
+    if not 0.0 < cfg.min_implant <= 1.0:
+      raise DefenseError(f"min_implant must be None or in (0, 1], got "
+                         f"{cfg.min_implant!r}")
   _real("max_class_collateral", cfg.max_class_collateral)
   if not 0.0 <= cfg.max_class_collateral <= 1.0:
     raise DefenseError("max_class_collateral must be in [0, 1], got "

@@ -97,16 +97,57 @@ class Confirmer:
       return 0.0, 0.0, 0.0
     if changed_rows is None:
       changed_rows = self._changed(variables, trial, rows)
-    flip = float(np.mean(changed_rows))
+    return (float(np.mean(changed_rows)),) + self._collateral(variables, trial, tail, rows)
+
+  def _collateral(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray
+                  ) -> tuple[float, float]:
+    """(collateral, class collateral) of a trial: the share of the `side` images outside
+    the tail whose prediction it changes, and the same among those that the network puts
+    in the majority class of images[rows]; tail: mask over self.images."""
     others = self.side[~tail[self.side]]
     if not len(others):
-      return flip, 0.0, 0.0
+      return 0.0, 0.0
     changed = self._changed(variables, trial, others)
     base = self.base(variables)
     majority = np.bincount(base[rows]).argmax()
     same = base[others] == majority
-    return (flip, float(np.mean(changed)),
-            float(np.mean(changed[same])) if same.any() else 0.0)
+    return float(np.mean(changed)), float(np.mean(changed[same])) if same.any() else 0.0
+
+  def implant(self, variables: Any, trial: Any, tail: np.ndarray,
+              ) -> tuple[float, float, float]:
+    """What a trial that sets every image's component along a direction to the tail's
+    mean value does to the `side` images outside the tail that the network puts in
+    another class than the tail's majority: the share it moves into that class. A
+    trigger moves them there, whether or not the tail's own labels depend on it (a
+    clean-label trigger's tail is its target class, which its removal cannot flip).
+    tail: per-image mask over the defense set. -> (implant share, the number of images
+    it was measured on, the tail's majority class)."""
+    tail = tail[self.idx]
+    base = self.base(variables)
+    rows = np.flatnonzero(tail)
+    if not len(rows):
+      return 0.0, 0.0, -1.0
+    majority = np.bincount(base[rows]).argmax()
+    others = self.side[~tail[self.side]]
+    others = others[base[others] != majority]
+    if not len(others):
+      return 0.0, 0.0, float(majority)
+    images = self.images[others]
+    size = bucket(len(others), self.batch)
+    pad = -len(others) % size
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+    after = inference.predict(self.model, trial, images, size, progress=False)[:len(others)]
+    return float(np.mean(after == majority)), float(len(others)), float(majority)
+
+  def collateral(self, variables: Any, trial: Any, tail: np.ndarray) -> tuple[float, float]:
+    """(collateral, class collateral) of a trial removal, as `check` measures them;
+    tail: per-image mask over the defense set."""
+    tail = tail[self.idx]
+    rows = np.flatnonzero(tail)
+    if not len(rows):
+      return 0.0, 0.0
+    return self._collateral(variables, trial, tail, rows)
 
   def check_residual(self, original: np.ndarray, variables: Any, trial: Any,
                      tail: np.ndarray) -> dict[str, float]:

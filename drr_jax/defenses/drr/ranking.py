@@ -32,6 +32,7 @@ from drr_jax.defenses.drr.state import LoopState, Run
 MIN_TAIL = 10      # tail images on the confirmation set, so that a flip is not a coin toss
 DUPLICATE = 0.9    # |cos| above which two candidates of one unit are the same direction
 MIN_RESIDUAL = 0.5  # share of the still-unflipped tail a further removal must change
+IMPLANT_MAJORITY = 0.8  # share of a tail in one class for its implant to be measured
 
 
 class Later(NamedTuple):
@@ -48,6 +49,7 @@ class Scored(NamedTuple):
   tail: np.ndarray     # (N,) bool: its skewed tail over the defense images
   benign: np.ndarray   # (C,) the mean feature outside the tail: the replacement value
   stats: dict[str, Any]
+  implant: np.ndarray | None = None  # (C,) the tail's mean feature, where it was implanted
 
 
 def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
@@ -68,12 +70,22 @@ def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
               and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL)
 
 
+def implant_passes(run: Run, stats: Mapping[str, Any]) -> bool:
+  """Whether a first-round candidate passes by its implant (`Confirmer.implant`): with
+  `min_implant` set, setting the other images' component to the tail's mean value moves
+  at least that share of them into the tail's majority class."""
+  return bool(run.cfg.min_implant is not None and "residual" not in stats
+              and stats.get("implant") is not None
+              and stats["implant"] >= run.cfg.min_implant)
+
+
 def passes(run: Run, stats: Mapping[str, Any]) -> bool:
-  """Whether a candidate's removal passes confirmation: `tail_passes`, and it changes few
-  other images, and few of the other images in the tail's majority class (collateral
-  None: not measured, because the tail failed)."""
+  """Whether a candidate's removal passes confirmation: `tail_passes` (or
+  `implant_passes`), and it changes few other images, and few of the other images in the
+  tail's majority class (collateral None: not measured, because the tail failed)."""
   cfg = run.cfg
-  return bool(tail_passes(run, stats) and stats["collateral"] is not None
+  return bool((tail_passes(run, stats) or implant_passes(run, stats))
+              and stats["collateral"] is not None
               and stats["collateral"] <= cfg.max_collateral
               and stats["class_collateral"] <= cfg.max_class_collateral)
 
@@ -108,8 +120,30 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
                                 None if later is None else later.original,
                                 gate=lambda st: tail_passes(run, {**st, **extra}))
     stats.update(column=int(j), mean_kept=mean_kept, **extra)
-    scored.append(Scored(unit, int(j), v, tail, benign, stats))
+    value = None
+    if (run.cfg.min_implant is not None and later is None
+        and stats["collateral"] is None and stats.get("majority_share", 0.0)
+        >= IMPLANT_MAJORITY and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL):
+      value = means[tail].mean(0).astype(np.float64)
+      stats["implant"], coverage = implant(run, variables, unit, v, tail, value, coverage)
+      if implant_passes(run, stats):
+        stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
+            variables, trial, tail)
+    scored.append(Scored(unit, int(j), v, tail, benign, stats, value))
   return scored, coverage
+
+
+def implant(run: Run, variables: Mapping[str, Any], unit: str, v: np.ndarray,
+            tail: np.ndarray, value: np.ndarray, coverage) -> tuple[float | None, Any]:
+  """The implant of v at `unit` (`Confirmer.implant`): every image's component along v
+  set to `value`'s, the tail's mean feature; None where that value cannot be folded in
+  exactly (the trial would only zero v). -> (implant, the coverage cache)."""
+  implanted, exact, coverage = run.removal.project(
+      variables, unit, v[:, None].astype(np.float32), value, coverage)
+  if not exact:
+    return None, coverage
+  share, _, _ = run.confirmer.implant(variables, implanted, tail)
+  return share, coverage
 
 
 def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
@@ -171,7 +205,16 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
       continue
     trial, mean_kept, coverage = run.removal.project(
         variables, s.unit, v[:, None].astype(np.float32), s.benign, coverage)
-    if kept or not first_round:
+    if (kept or not first_round) and s.implant is not None and not tail_passes(
+        run, s.stats):
+      # confirmed by its implant: kept while the backdoor is still reachable through it
+      share, coverage = implant(run, variables, s.unit, v, s.tail, s.implant, coverage)
+      collateral, _ = run.confirmer.collateral(variables, trial, s.tail)
+      s.stats.update(residual_implant=share, residual_collateral=collateral)
+      if not (share is not None and share >= run.cfg.min_implant
+              and collateral <= run.cfg.max_collateral):
+        continue
+    elif kept or not first_round:
       check = run.confirmer.check_residual(original, variables, trial, s.tail)
       s.stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
                      residual_collateral=check["collateral"])

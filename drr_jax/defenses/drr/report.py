@@ -53,7 +53,9 @@ def format_report(report: Mapping[str, Any]) -> str:
                  + ", ".join(f"{u} ({c})" for u, c in report["capped_k"].items()))
   cfg = report["config"]
   lines.append(f"tau {cfg['tau']}, confirm {cfg['confirm']} (tail z > {cfg['tail_z']}, "
-               f"flip >= {cfg['min_tail_flip']}, collateral <= "
+               f"flip >= {cfg['min_tail_flip']}"
+               + (f" or implant >= {cfg['min_implant']}" if cfg.get("min_implant") else "")
+               + f", collateral <= "
                f"{cfg.get('max_collateral', 1.0)}): {report['directions_kept']} direction(s) "
                f"kept in {len(report['layers_projected'])} layer(s) "
                f"{report['layers_projected']}, {report['feature_passes']} feature pass(es), "
