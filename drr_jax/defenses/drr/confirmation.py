@@ -51,6 +51,7 @@ class Confirmer:
     # the images on which collateral changes are counted (positions in self.images)
     self.side = np.sort(np.random.default_rng(seed + 1).permutation(m)[:COLLATERAL])
     self._base_key, self._base = None, None
+    self._sum = None  # the confirmation images' pixel sum, for implants
 
   def _predict(self, variables: Any) -> np.ndarray:
     return inference.predict(self.model, variables, self.images, self.batch, progress=False)
@@ -113,32 +114,59 @@ class Confirmer:
     same = base[others] == majority
     return float(np.mean(changed)), float(np.mean(changed[same])) if same.any() else 0.0
 
-  def implant(self, variables: Any, trial: Any, tail: np.ndarray,
-              ) -> tuple[float, float, float]:
-    """What a trial that sets every image's component along a direction to the tail's
-    mean value does to the `side` images outside the tail that the network puts in
-    another class than the tail's majority: the share it moves into that class. A
-    trigger moves them there, whether or not the tail's own labels depend on it (a
-    clean-label trigger's tail is its target class, which its removal cannot flip).
-    tail: per-image mask over the defense set. -> (implant share, the number of images
-    it was measured on, the tail's majority class)."""
-    tail = tail[self.idx]
+  def _implanted(self, variables: Any, tail: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(positions, implanted images, majority class) of `implant`; tail: mask over
+    self.images. Empty where the tail is empty or everything."""
     base = self.base(variables)
     rows = np.flatnonzero(tail)
-    if not len(rows):
-      return 0.0, 0.0, -1.0
-    majority = np.bincount(base[rows]).argmax()
+    empty = np.zeros(0, np.int64), self.images[:0]
+    if not len(rows) or tail.all():
+      return (*empty, -1)
+    majority = int(np.bincount(base[rows]).argmax())
     others = self.side[~tail[self.side]]
     others = others[base[others] != majority]
     if not len(others):
-      return 0.0, 0.0, float(majority)
-    images = self.images[others]
-    size = bucket(len(others), self.batch)
-    pad = -len(others) % size
+      return (*empty, majority)
+    if self._sum is None:
+      self._sum = self.images.sum(0, dtype=np.float64)
+    inside = self.images[tail].sum(0, dtype=np.float64)
+    delta = inside / len(rows) - (self._sum - inside) / (len(tail) - len(rows))
+    moved = self.images[others].astype(np.float64) + delta
+    if self.images.dtype == np.uint8:
+      moved = np.clip(np.rint(moved), 0, 255)
+    return others, moved.astype(self.images.dtype), majority
+
+  def _predict_padded(self, variables: Any, images: np.ndarray) -> np.ndarray:
+    size = bucket(len(images), self.batch)
+    pad = -len(images) % size
     if pad:
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-    after = inference.predict(self.model, trial, images, size, progress=False)[:len(others)]
-    return float(np.mean(after == majority)), float(len(others)), float(majority)
+    return inference.predict(self.model, variables, images, size,
+                             progress=False)[:len(images) - pad]
+
+  def implant(self, variables: Any, tail: np.ndarray, trial: Any = None
+              ) -> dict[str, Any]:
+    """The tail's input-space implant: the mean difference of the tail's confirmation
+    images and the others' (an estimate of an additive trigger, which every poisoned
+    image carries and a benign cluster does not share) added to the `side` images
+    outside the tail that the network puts in another class than the tail's majority.
+    'implant': the share of them it then moves into that class. A trigger moves them
+    there whether or not the tail's own labels depend on it (a clean-label trigger's
+    tail is its target class, which no removal can flip). With `trial` (a removal),
+    'implant_cut': the share of the images so moved that the trial no longer puts
+    there, what the tail flip is to a dirty-label trigger. tail: per-image mask over
+    the defense set."""
+    others, moved, majority = self._implanted(variables, tail[self.idx])
+    out: dict[str, Any] = {"implant": 0.0, "implant_images": int(len(others))}
+    if not len(others):
+      return out
+    hit = self._predict_padded(variables, moved) == majority
+    out["implant"] = float(np.mean(hit))
+    if trial is not None:
+      after = self._predict_padded(trial, moved[hit]) == majority if hit.any() else hit[:0]
+      out["implant_cut"] = float(1.0 - np.mean(after)) if hit.any() else 0.0
+    return out
 
   def collateral(self, variables: Any, trial: Any, tail: np.ndarray) -> tuple[float, float]:
     """(collateral, class collateral) of a trial removal, as `check` measures them;

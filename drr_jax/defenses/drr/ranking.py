@@ -49,7 +49,6 @@ class Scored(NamedTuple):
   tail: np.ndarray     # (N,) bool: its skewed tail over the defense images
   benign: np.ndarray   # (C,) the mean feature outside the tail: the replacement value
   stats: dict[str, Any]
-  implant: np.ndarray | None = None  # (C,) the tail's mean feature, where it was implanted
 
 
 def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
@@ -72,11 +71,13 @@ def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
 
 def implant_passes(run: Run, stats: Mapping[str, Any]) -> bool:
   """Whether a first-round candidate passes by its implant (`Confirmer.implant`): with
-  `min_implant` set, setting the other images' component to the tail's mean value moves
-  at least that share of them into the tail's majority class."""
+  `min_implant` set, adding the tail's mean input difference to the other images moves
+  at least that share of them into the tail's majority class, and the candidate's
+  removal takes at least `min_tail_flip` of those back out of it."""
   return bool(run.cfg.min_implant is not None and "residual" not in stats
               and stats.get("implant") is not None
-              and stats["implant"] >= run.cfg.min_implant)
+              and stats["implant"] >= run.cfg.min_implant
+              and stats.get("implant_cut", 0.0) >= run.cfg.min_tail_flip)
 
 
 def passes(run: Run, stats: Mapping[str, Any]) -> bool:
@@ -120,30 +121,15 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
                                 None if later is None else later.original,
                                 gate=lambda st: tail_passes(run, {**st, **extra}))
     stats.update(column=int(j), mean_kept=mean_kept, **extra)
-    value = None
     if (run.cfg.min_implant is not None and later is None
         and stats["collateral"] is None and stats.get("majority_share", 0.0)
         >= IMPLANT_MAJORITY and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL):
-      value = means[tail].mean(0).astype(np.float64)
-      stats["implant"], coverage = implant(run, variables, unit, v, tail, value, coverage)
+      stats.update(run.confirmer.implant(variables, tail, trial))
       if implant_passes(run, stats):
         stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
             variables, trial, tail)
-    scored.append(Scored(unit, int(j), v, tail, benign, stats, value))
+    scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
-
-
-def implant(run: Run, variables: Mapping[str, Any], unit: str, v: np.ndarray,
-            tail: np.ndarray, value: np.ndarray, coverage) -> tuple[float | None, Any]:
-  """The implant of v at `unit` (`Confirmer.implant`): every image's component along v
-  set to `value`'s, the tail's mean feature; None where that value cannot be folded in
-  exactly (the trial would only zero v). -> (implant, the coverage cache)."""
-  implanted, exact, coverage = run.removal.project(
-      variables, unit, v[:, None].astype(np.float32), value, coverage)
-  if not exact:
-    return None, coverage
-  share, _, _ = run.confirmer.implant(variables, implanted, tail)
-  return share, coverage
 
 
 def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
@@ -205,13 +191,16 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
       continue
     trial, mean_kept, coverage = run.removal.project(
         variables, s.unit, v[:, None].astype(np.float32), s.benign, coverage)
-    if (kept or not first_round) and s.implant is not None and not tail_passes(
-        run, s.stats):
-      # confirmed by its implant: kept while the backdoor is still reachable through it
-      share, coverage = implant(run, variables, s.unit, v, s.tail, s.implant, coverage)
+    if (kept or not first_round) and not tail_passes(run, s.stats):
+      # confirmed by its implant: kept only while the network as modified so far still
+      # obeys the implant, and the removal takes that away
+      check = run.confirmer.implant(variables, s.tail, trial)
       collateral, _ = run.confirmer.collateral(variables, trial, s.tail)
-      s.stats.update(residual_implant=share, residual_collateral=collateral)
-      if not (share is not None and share >= run.cfg.min_implant
+      s.stats.update(residual_implant=check["implant"],
+                     residual_implant_cut=check.get("implant_cut", 0.0),
+                     residual_collateral=collateral)
+      if not (check["implant"] >= run.cfg.min_implant
+              and check.get("implant_cut", 0.0) >= MIN_RESIDUAL
               and collateral <= run.cfg.max_collateral):
         continue
     elif kept or not first_round:
