@@ -33,6 +33,8 @@ MIN_TAIL = 10      # tail images on the confirmation set, so that a flip is not 
 DUPLICATE = 0.9    # |cos| above which two candidates of one unit are the same direction
 MIN_RESIDUAL = 0.5  # share of the still-unflipped tail a further removal must change
 IMPLANT_MAJORITY = 0.8  # share of a tail in one class for its implant to be measured
+IMPLANT_LEFT = 0.1  # implant share below which the backdoor is taken as removed
+MIN_CUT = 0.1       # least share of the implanted hits a further implant removal takes
 
 
 class Later(NamedTuple):
@@ -72,12 +74,11 @@ def tail_passes(run: Run, stats: Mapping[str, Any]) -> bool:
 def implant_passes(run: Run, stats: Mapping[str, Any]) -> bool:
   """Whether a first-round candidate passes by its implant (`Confirmer.implant`): with
   `min_implant` set, adding the tail's mean input difference to the other images moves
-  at least that share of them into the tail's majority class, and the candidate's
-  removal takes at least `min_tail_flip` of those back out of it."""
+  at least that share of them into the tail's majority class. How much of that its
+  removal takes away is judged in `select`."""
   return bool(run.cfg.min_implant is not None and "residual" not in stats
               and stats.get("implant") is not None
-              and stats["implant"] >= run.cfg.min_implant
-              and stats.get("implant_cut", 0.0) >= run.cfg.min_tail_flip)
+              and stats["implant"] >= run.cfg.min_implant)
 
 
 def passes(run: Run, stats: Mapping[str, Any]) -> bool:
@@ -121,6 +122,7 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
                                 None if later is None else later.original,
                                 gate=lambda st: tail_passes(run, {**st, **extra}))
     stats.update(column=int(j), mean_kept=mean_kept, **extra)
+    # a tail that its removal cannot flip: does it carry a trigger anyway?
     if (run.cfg.min_implant is not None and later is None
         and stats["collateral"] is None and stats.get("majority_share", 0.0)
         >= IMPLANT_MAJORITY and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL):
@@ -166,9 +168,15 @@ def residual_candidates(run: Run, variables: Mapping[str, Any], unit: str,
 
 
 def order(run: Run, scored: list[Scored]) -> list[Scored]:
-  """The passing candidates, least collateral first (then most tail flip)."""
+  """The passing candidates: those confirmed by their tail flip, least collateral first
+  (then most tail flip); then those confirmed by their implant alone, the ones whose
+  removal alone cuts most of it first."""
   ok = [s for s in scored if passes(run, s.stats)]
-  return sorted(ok, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
+  flips = [s for s in ok if tail_passes(run, s.stats)]
+  implants = [s for s in ok if not tail_passes(run, s.stats)]
+  return (sorted(flips, key=lambda s: (s.stats["collateral"], -s.stats["tail_flip"]))
+          + sorted(implants, key=lambda s: (-s.stats.get("implant_cut", 0.0),
+                                            s.stats["collateral"])))
 
 
 def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: LoopState,
@@ -180,7 +188,9 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
   images still predicted as the original network did (at least MIN_TAIL of them) and at
   most max_collateral of the others. `original`: the original network's predictions on
   the confirmation images. In a later round (`first_round` False) the first one is
-  checked the same way. `prior`: the directions each unit lost in earlier rounds.
+  checked the same way. A candidate confirmed by its implant alone is kept while the
+  network still obeys the implant and its removal cuts some of it (see below).
+  `prior`: the directions each unit lost in earlier rounds.
   -> (network, the kept candidates, state)."""
   kept: list[Scored] = []
   removed: dict[str, list[np.ndarray]] = {u: list(v) for u, v in (prior or {}).items()}
@@ -191,16 +201,17 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
       continue
     trial, mean_kept, coverage = run.removal.project(
         variables, s.unit, v[:, None].astype(np.float32), s.benign, coverage)
-    if (kept or not first_round) and not tail_passes(run, s.stats):
-      # confirmed by its implant: kept only while the network as modified so far still
-      # obeys the implant, and the removal takes that away
+    if not tail_passes(run, s.stats):
+      # confirmed by its implant: kept while the network as modified so far still obeys
+      # the implant (IMPLANT_LEFT) and this removal takes at least MIN_CUT of it away,
+      # changing few other images; several such removals can take a backdoor apart
       check = run.confirmer.implant(variables, s.tail, trial)
       collateral, _ = run.confirmer.collateral(variables, trial, s.tail)
       s.stats.update(residual_implant=check["implant"],
                      residual_implant_cut=check.get("implant_cut", 0.0),
                      residual_collateral=collateral)
-      if not (check["implant"] >= run.cfg.min_implant
-              and check.get("implant_cut", 0.0) >= MIN_RESIDUAL
+      if not (check["implant"] >= IMPLANT_LEFT
+              and check.get("implant_cut", 0.0) >= MIN_CUT
               and collateral <= run.cfg.max_collateral):
         continue
     elif kept or not first_round:
