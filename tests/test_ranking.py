@@ -224,7 +224,7 @@ def _clean_label_case(n=4000, seed=0):
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, 10, n)
   x = 0.3 * rng.normal(size=(n, 12)).astype(np.float32)
-  x[np.arange(n), labels] += 3.0 * rng.choice([-1.0, 1.0], n)
+  x[np.arange(n), labels] += 1.5 * rng.choice([-1.0, 1.0], n)
   x[:, 10:] *= 0.03
   cls0 = np.flatnonzero(labels == 0)
   x[cls0[: int(0.8 * len(cls0))], 10] += 12.0
@@ -252,7 +252,7 @@ def test_an_implant_confirms_a_clean_label_trigger_that_no_removal_flips():
   triggered[:, 10] = 12.0
   triggered = triggered[labels != 0].reshape(-1, 3, 2, 2)
   assert np.mean(_abs_predict(v, triggered) == 0) > 0.99  # the backdoor acts
-  assert np.mean(_abs_predict(v, images) == labels) > 0.99
+  assert np.mean(_abs_predict(v, images) == labels) > 0.95
   cfg = {"side": "input", "mode": "ranked", "tau": 0.0, "confirm_samples": 2000,
          "carry": False, "ranked_rounds": 1}
   same, rep = defend(AbsChain(), v, images, config=cfg, progress=False)

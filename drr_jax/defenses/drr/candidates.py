@@ -36,6 +36,20 @@ def tail_mean(x: np.ndarray, tail: np.ndarray, n: int) -> np.ndarray | None:
   return v / (np.linalg.norm(v) + 1e-30)
 
 
+def contrast(x: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray | None:
+  """The unit mean difference of the feature rows of images `a` and of images `b`
+  (per-image masks over the n images of x (rows, C)); None when either is empty. With
+  `b` the other images of the tail's class, the mean difference of a clean-label tail
+  less its class: the trigger's feature."""
+  per = len(x) // n
+  ra, rb = np.repeat(a, per), np.repeat(b, per)
+  if not ra.any() or not rb.any():
+    return None
+  v = x[ra].mean(0) - x[rb].mean(0)
+  norm = np.linalg.norm(v)
+  return v / norm if norm > 1e-12 else None
+
+
 def _without(v: np.ndarray, against: Sequence[np.ndarray]) -> np.ndarray:
   """v less its components along each of the (orthonormal) vectors `against`, in turn."""
   for u in against:

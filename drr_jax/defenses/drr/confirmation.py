@@ -168,6 +168,17 @@ class Confirmer:
       out["implant_cut"] = float(1.0 - np.mean(after)) if hit.any() else 0.0
     return out
 
+  def same_class(self, variables: Any, tail: np.ndarray) -> np.ndarray:
+    """(N,) bool over the defense set: the confirmation images outside the tail that the
+    network puts in the tail's majority class (the tail's class, less the tail)."""
+    inside = tail[self.idx]
+    base = self.base(variables)
+    mask = np.zeros(len(tail), bool)
+    if inside.any():
+      majority = np.bincount(base[inside]).argmax()
+      mask[self.idx[~inside & (base == majority)]] = True
+    return mask
+
   def collateral(self, variables: Any, trial: Any, tail: np.ndarray) -> tuple[float, float]:
     """(collateral, class collateral) of a trial removal, as `check` measures them;
     tail: per-image mask over the defense set."""

@@ -126,12 +126,34 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
     if (run.cfg.min_implant is not None and later is None
         and stats["collateral"] is None and stats.get("majority_share", 0.0)
         >= IMPLANT_MAJORITY and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL):
-      stats.update(run.confirmer.implant(variables, tail, trial))
+      stats.update(run.confirmer.implant(variables, tail))
       if implant_passes(run, stats):
+        v, trial, coverage = _trigger_direction(run, variables, unit, x, v, tail, benign,
+                                                prior, stats, coverage)
+        stats.update(run.confirmer.implant(variables, tail, trial))
         stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
             variables, trial, tail)
     scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
+
+
+def _trigger_direction(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
+                       v: np.ndarray, tail: np.ndarray, benign: np.ndarray,
+                       prior: Sequence[np.ndarray], stats: dict[str, Any], coverage):
+  """For a tail confirmed by its implant: the mean difference of the tail and the other
+  images of its class (`candidates.contrast`), which leaves the class's own features
+  where they are (a clean-label tail is its target class, so its mean difference with
+  all the rest holds the class too); v where too few such images are left (MIN_TAIL).
+  -> (direction, its removal from `variables`, the coverage cache)."""
+  same = run.confirmer.same_class(variables, tail)
+  u = candidates.contrast(x, tail, same, run.n) if same.sum() >= MIN_TAIL else None
+  u = None if u is None else candidates.orthonormal(u, prior)
+  stats["within_class"] = u is not None
+  if u is not None:
+    v = u
+  trial, stats["mean_kept"], coverage = run.removal.project(
+      variables, unit, v[:, None].astype(np.float32), benign, coverage)
+  return v, trial, coverage
 
 
 def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
