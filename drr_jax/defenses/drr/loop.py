@@ -180,16 +180,6 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
           prior=lost.get(name, ()))
       scored[name] += extra
     seconds[name] = dt + time.time() - t0
-  implanted = (ranking.implant_tail(run, [s for v in scored.values() for s in v])
-               if later is None and run.cfg.min_implant is not None else None)
-  if implanted is not None:  # a trigger its tail's removal cannot flip: at every unit
-    for name in tqdm(run.order, desc="implant", disable=not run.progress, leave=False):
-      t0 = time.time()
-      extra, coverage = ranking.implant_candidates(
-          run, variables, name, feats[name], means[name], implanted, coverage,
-          prior=lost.get(name, ()))
-      scored[name] += extra
-      seconds[name] += time.time() - t0
   every = [s for name in run.order for s in scored[name]]
   queue = ranking.order(run, every)
   original = later.original if later is not None else run.confirmer.base(variables)

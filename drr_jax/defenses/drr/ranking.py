@@ -127,44 +127,33 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
         and stats["collateral"] is None and stats.get("majority_share", 0.0)
         >= IMPLANT_MAJORITY and stats["tail_frac"] * len(run.confirmer.idx) >= MIN_TAIL):
       stats.update(run.confirmer.implant(variables, tail))
+      if implant_passes(run, stats):
+        v, trial, coverage = _trigger_direction(run, variables, unit, x, v, tail, benign,
+                                                prior, stats, coverage)
+        stats.update(run.confirmer.implant(variables, tail, trial))
+        stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
+            variables, trial, tail)
     scored.append(Scored(unit, int(j), v, tail, benign, stats))
   return scored, coverage
 
 
-def implant_tail(run: Run, scored: Sequence[Scored]) -> np.ndarray | None:
-  """(N,) bool: the tail of the candidate confirmed by its implant alone with the largest
-  implant (then the largest tail), or None when no candidate is."""
-  found = [s for s in scored if implant_passes(run, s.stats) and not tail_passes(run, s.stats)]
-  if not found:
-    return None
-  best = max(found, key=lambda s: (s.stats["implant"], s.stats["tail_frac"]))
-  return best.tail
-
-
-def implant_candidates(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
-                       means: np.ndarray, tail: np.ndarray, coverage,
-                       prior: Sequence[np.ndarray] = ()) -> tuple[list[Scored], Any]:
-  """The candidate of `unit` for a tail confirmed by its implant: the mean difference of
-  the tail's features and those of the other images of its class (`candidates.contrast`:
-  a clean-label tail is its target class, so its mean difference with all the rest
-  holds the class too), removed from `variables`; scored by how much of the implant it
-  cuts (`Confirmer.implant`) and its collateral."""
+def _trigger_direction(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
+                       v: np.ndarray, tail: np.ndarray, benign: np.ndarray,
+                       prior: Sequence[np.ndarray], stats: dict[str, Any], coverage):
+  """For a tail confirmed by its implant: the mean difference of the tail and the other
+  images of its class (`candidates.contrast`), which leaves the class's own features
+  where they are (a clean-label tail is its target class, so its mean difference with
+  all the rest holds the class too); v where too few such images are left (MIN_TAIL).
+  -> (direction, its removal from `variables`, the coverage cache)."""
   same = run.confirmer.same_class(variables, tail)
-  if same.sum() < MIN_TAIL:
-    return [], coverage
-  v = candidates.contrast(x, tail, same, run.n)
-  v = None if v is None else candidates.orthonormal(v, prior)
-  if v is None:
-    return [], coverage
-  benign = means[~tail].mean(0).astype(np.float64)
-  trial, mean_kept, coverage = run.removal.project(
+  u = candidates.contrast(x, tail, same, run.n) if same.sum() >= MIN_TAIL else None
+  u = None if u is None else candidates.orthonormal(u, prior)
+  stats["within_class"] = u is not None
+  if u is not None:
+    v = u
+  trial, stats["mean_kept"], coverage = run.removal.project(
       variables, unit, v[:, None].astype(np.float32), benign, coverage)
-  stats = {"tail_frac": float(np.mean(tail[run.confirmer.idx])), "tail_flip": 0.0,
-           **run.confirmer.implant(variables, tail, trial)}
-  stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
-      variables, trial, tail)
-  stats.update(column=-1, mean_kept=mean_kept, source="implant_tail")
-  return [Scored(unit, -1, v, tail, benign, stats)], coverage
+  return v, trial, coverage
 
 
 def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
