@@ -89,12 +89,14 @@ class DRRConfig:
                                # whole tail ('tail') or on the tail images the network
                                # puts in the tail's majority class ('majority': a small
                                # poisoned group's tail is mostly benign images)
-  # Ranked mode: a candidate whose removal flips too little of its tail still passes
-  # the tail test if setting the other images' component along it to the tail's mean
-  # value (an implant) moves at least this share of them (those outside the tail's
-  # majority class) into that class, the tail being mostly (80 %) one class: a trigger
-  # whose poisoned images keep their labels (clean-label: SIG, CLA), which no removal
-  # can flip. None: off.
+  # Experimental (ranked mode, first round): a candidate whose removal flips too
+  # little of its tail is confirmed anyway if adding its tail's mean image difference
+  # to other images (an implant) moves at least this share of them into the tail's
+  # class, the tail being mostly (80 %) one class: a trigger whose poisoned images keep
+  # their labels (clean-label: SIG, CLA), which no removal can flip. Such candidates
+  # are removed along the tail less the rest of its class, after the others, while
+  # each cuts the implant further. Off (None) by default: on the dev SIG model it
+  # leaves 9.6 % ASR for 2.4 ACC points (docs/design.md).
   min_implant: float | None = None
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
