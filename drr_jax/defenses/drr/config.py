@@ -98,9 +98,6 @@ class DRRConfig:
   # each cuts the implant further. Off (None) by default: on the dev SIG model it
   # leaves 9.6 % ASR for 2.4 ACC points (docs/design.md).
   min_implant: float | None = None
-  implant_paired: bool = False  # with min_implant: also try, at every unit, the mean
-                                # change its feature undergoes when the implant is added
-                                # to the same images (what the trigger does there)
   # ... and only if it changes at most this share of the predictions outside its
   # tail (measured on up to 1,000 of the confirmation images): a removal that moves
   # many images it is not aimed at is a class direction, not a backdoor's.
@@ -204,7 +201,7 @@ def _validate(cfg: DRRConfig) -> None:
   _choice("side", cfg.side, SIDES)
   _choice("search", cfg.search, tuple(stiefel.SEARCHES))
   _choice("direction", cfg.direction, DIRECTIONS)
-  for key in ("keep_mean", "locate", "carry", "residual_tail", "implant_paired"):
+  for key in ("keep_mean", "locate", "carry", "residual_tail"):
     _flag(key, getattr(cfg, key))
   _choice("mean_fit", cfg.mean_fit, MEAN_FITS)
   _choice("mode", cfg.mode, MODES)

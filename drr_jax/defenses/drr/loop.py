@@ -180,19 +180,6 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
           prior=lost.get(name, ()))
       scored[name] += extra
     seconds[name] = dt + time.time() - t0
-  implanted = (ranking.implant_tail(run, [s for v in scored.values() for s in v])
-               if later is None and run.cfg.min_implant is not None
-               and run.cfg.implant_paired else None)
-  if implanted is not None:  # a trigger no removal flips: its paired direction everywhere
-    t0 = time.time()
-    paired = ranking.paired_directions(run, variables, implanted)
-    for name in tqdm(run.order, desc="implant", disable=not run.progress, leave=False):
-      if name in paired:
-        extra, coverage = ranking.paired_candidate(
-            run, variables, name, paired[name], means[name], implanted, coverage,
-            prior=lost.get(name, ()))
-        scored[name] += extra
-      seconds[name] += (time.time() - t0) / len(run.order)
   every = [s for name in run.order for s in scored[name]]
   queue = ranking.order(run, every)
   original = later.original if later is not None else run.confirmer.base(variables)

@@ -156,59 +156,6 @@ def _trigger_direction(run: Run, variables: Mapping[str, Any], unit: str, x: np.
   return v, trial, coverage
 
 
-def implant_tail(run: Run, scored: Sequence[Scored]) -> np.ndarray | None:
-  """(N,) bool: the tail of the candidate confirmed by its implant alone with the largest
-  implant (then the largest tail), or None when no candidate is."""
-  found = [s for s in scored
-           if implant_passes(run, s.stats) and not tail_passes(run, s.stats)]
-  if not found:
-    return None
-  return max(found, key=lambda s: (s.stats["implant"], s.stats["tail_frac"])).tail
-
-
-def paired_directions(run: Run, variables: Mapping[str, Any], tail: np.ndarray
-                      ) -> dict[str, np.ndarray]:
-  """{unit: the mean change of its pooled feature when the tail's implant is added}, over
-  the images the implant is measured on: what the trigger does to each unit, on the same
-  images with and without it (no class enters, as it does in a tail's contrast)."""
-  from drr_jax.defenses.drr.inputs import extract_units
-  others, moved, _ = run.confirmer.implanted(variables, tail[run.confirmer.idx])
-  if not len(others):
-    return {}
-  opts = {**run.extract_options(), "with_means": False, "progress": False}
-  with_it = extract_units(run.model, variables, moved, tuple(run.order), dict(run.sites),
-                          **opts)
-  without = extract_units(run.model, variables, run.confirmer.images[others],
-                          tuple(run.order), dict(run.sites), **opts)
-  out = {}
-  for unit in run.order:
-    d = (with_it[unit].astype(np.float64).mean(0) - without[unit].astype(np.float64).mean(0))
-    norm = np.linalg.norm(d)
-    if norm > 1e-12:
-      out[unit] = d / norm
-  return out
-
-
-def paired_candidate(run: Run, variables: Mapping[str, Any], unit: str, v: np.ndarray,
-                     means: np.ndarray, tail: np.ndarray, coverage,
-                     prior: Sequence[np.ndarray] = ()) -> tuple[list[Scored], Any]:
-  """The candidate of `unit` for a tail confirmed by its implant: its paired direction
-  (`paired_directions`) removed from `variables`, scored by the share of the implant it
-  cuts and its collateral."""
-  v = candidates.orthonormal(v, prior)
-  if v is None:
-    return [], coverage
-  benign = means[~tail].mean(0).astype(np.float64)
-  trial, mean_kept, coverage = run.removal.project(
-      variables, unit, v[:, None].astype(np.float32), benign, coverage)
-  stats = {"tail_frac": float(np.mean(tail[run.confirmer.idx])), "tail_flip": 0.0,
-           **run.confirmer.implant(variables, tail, trial)}
-  stats["collateral"], stats["class_collateral"] = run.confirmer.collateral(
-      variables, trial, tail)
-  stats.update(column=-1, mean_kept=mean_kept, source="implant_paired")
-  return [Scored(unit, -1, v, tail, benign, stats)], coverage
-
-
 def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.ndarray:
   """(N,) bool: the confirmation images in the tails removed so far whose prediction is
   still the original network's: what a first removal left of the backdoor."""
