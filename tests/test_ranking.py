@@ -278,3 +278,46 @@ def test_an_implant_keeps_nothing_on_a_clean_gaussian_and_is_checked():
   for bad in (0.0, 1.5, "high"):
     with pytest.raises(DefenseError, match="min_implant"):
       defend(AbsChain(), v, images, config={"min_implant": bad}, progress=False)
+
+
+def test_the_implant_adds_the_tails_mean_image_difference_to_other_classes_images():
+  """Confirmer.implant on uint8 images: a model that says class 1 when the top-left
+  pixel is bright. The tail (bright pixel, class 1) implants that pixel into images of
+  class 0; a trial that ignores the pixel cuts all of it."""
+  from drr_jax.defenses.drr import confirmation
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 100, size=(400, 4, 4, 1)).astype(np.uint8)
+  images[:40, 0, 0, 0] = 255                      # the tail carries the "trigger"
+
+  def model(variables, x, train=False):
+    bright = (x[:, 0, 0, 0] > 150 * variables["on"]).astype(jnp.float32)
+    return jnp.stack([1 - bright, bright], -1)
+  conf = confirmation.Confirmer(model, images, samples=400, batch_size=128, seed=0)
+  tail = np.zeros(400, bool)
+  tail[:40] = True
+  on, off = {"on": jnp.float32(1.0)}, {"on": jnp.float32(1e9)}
+  out = conf.implant(on, tail, trial=off)
+  # every other image is class 0; the mean difference at the pixel is about 255 - 50
+  assert out["implant_images"] == int((~tail[conf.side]).sum())
+  assert out["implant"] == 1.0 and out["implant_cut"] == 1.0
+  others, moved, majority = conf.implanted(on, tail[conf.idx])
+  assert majority == 1 and moved.dtype == np.uint8
+  # x + (255 - about 50): bright everywhere, clipped at the top of the range
+  assert moved[:, 0, 0, 0].min() > 150 and moved[:, 0, 0, 0].max() == 255
+  # elsewhere the images move by the (small, rounded) mean difference only
+  diff = np.abs(moved.astype(int) - conf.images[others].astype(int))[:, 1:, 1:]
+  assert diff.max() <= 12
+  # a tail with no trigger implants nothing
+  assert conf.implant(on, np.arange(400) % 10 == 3)["implant"] == 0.0
+
+
+def test_contrast_is_the_unit_mean_difference_of_two_groups():
+  from drr_jax.defenses.drr import candidates
+  x = np.zeros((6, 3))
+  x[:2] = [2.0, 0.0, 0.0]
+  x[2:4] = [0.0, 1.0, 0.0]
+  a = np.array([1, 1, 0, 0, 0, 0], bool)
+  b = np.array([0, 0, 1, 1, 0, 0], bool)
+  np.testing.assert_allclose(candidates.contrast(x, a, b, 6),
+                             np.array([2.0, -1.0, 0.0]) / np.sqrt(5))
+  assert candidates.contrast(x, a, np.zeros(6, bool), 6) is None

@@ -114,7 +114,7 @@ class Confirmer:
     same = base[others] == majority
     return float(np.mean(changed)), float(np.mean(changed[same])) if same.any() else 0.0
 
-  def _implanted(self, variables: Any, tail: np.ndarray
+  def implanted(self, variables: Any, tail: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, int]:
     """(positions, implanted images, majority class) of `implant`; tail: mask over
     self.images. Empty where the tail is empty or everything."""
@@ -157,7 +157,7 @@ class Confirmer:
     'implant_cut': the share of the images so moved that the trial no longer puts
     there, what the tail flip is to a dirty-label trigger. tail: per-image mask over
     the defense set."""
-    others, moved, majority = self._implanted(variables, tail[self.idx])
+    others, moved, majority = self.implanted(variables, tail[self.idx])
     out: dict[str, Any] = {"implant": 0.0, "implant_images": int(len(others))}
     if not len(others):
       return out
