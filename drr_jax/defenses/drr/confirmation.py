@@ -78,14 +78,7 @@ class Confirmer:
     """Whether the trial's prediction differs from the current one, on images[rows]
     (padded to whole batches of a `bucket` size, so that a few compiled programs serve
     every count)."""
-    before = self.base(variables)[rows]
-    images = self.images[rows]
-    size = bucket(len(rows), self.batch)
-    pad = -len(rows) % size
-    if pad:
-      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-    after = inference.predict(self.model, trial, images, size, progress=False)
-    return before != after[:len(rows)]
+    return self.base(variables)[rows] != self._predict_padded(trial, self.images[rows])
 
   def _flips(self, variables: Any, trial: Any, tail: np.ndarray, rows: np.ndarray,
              changed_rows: np.ndarray | None = None) -> tuple[float, float, float]:
@@ -138,6 +131,7 @@ class Confirmer:
     return others, moved.astype(self.images.dtype), majority
 
   def _predict_padded(self, variables: Any, images: np.ndarray) -> np.ndarray:
+    """Predictions on `images`, padded to whole batches of a `bucket` size."""
     size = bucket(len(images), self.batch)
     pad = -len(images) % size
     if pad:
