@@ -26,7 +26,9 @@ from drr_jax.experiment import read_record
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
           "the PNG originals.")
 MODEL_ORDER = ("resnet18", "wrn28_1", "densenet121")
-MODEL_NAMES = {"resnet18": "ResNet-18", "wrn28_1": "WRN-28-1", "densenet121": "DenseNet-121"}
+MODEL_NAMES = {"resnet18": "ResNet-18", "wrn28_1": "WRN-28-1", "densenet121": "DenseNet-121",
+               "preact_resnet18": "PreAct-ResNet-18", "vgg11": "VGG-11",
+               "mobilenet_v2": "MobileNetV2"}
 ATTACK_ORDER = ("badnets", "badnets_a2a", "blended", "cla", "sig", "wanet", "iab", "none")
 ATTACK_NAMES = {"badnets": "BadNets (all-to-one)", "badnets_a2a": "BadNets (all-to-all)",
                 "blended": "Blended", "cla": "Clean-label (CLA)", "sig": "SIG",
