@@ -52,6 +52,7 @@ class Confirmer:
     self.side = np.sort(np.random.default_rng(seed + 1).permutation(m)[:COLLATERAL])
     self._base_key, self._base = None, None
     self._sum = None  # the confirmation images' pixel sum, for implants
+    self._implant_cache = None  # ((tail, network key), `_implant_hits` answer)
 
   def _predict(self, variables: Any) -> np.ndarray:
     return inference.predict(self.model, variables, self.images, self.batch, progress=False)
@@ -139,6 +140,24 @@ class Confirmer:
     return inference.predict(self.model, variables, images, size,
                              progress=False)[:len(images) - pad]
 
+  def _implant_hits(self, variables: Any, tail: np.ndarray
+                    ) -> tuple[int, np.ndarray, int]:
+    """(images implanted, those of them the network puts in the majority class, that
+    class) for a tail (mask over self.images) on the network `variables`; the last
+    answer is kept, since a candidate's implant is asked for before and after its
+    trial removal."""
+    self.base(variables)  # makes self._base_key the key of `variables`
+    key = (tail.tobytes(), self._base_key)
+    cached = self._implant_cache
+    if cached is not None and cached[0][0] == key[0] and all(
+        a is b for a, b in zip(cached[0][1], key[1])):
+      return cached[1]
+    others, moved, majority = self.implanted(variables, tail)
+    hits = (moved[self._predict_padded(variables, moved) == majority] if len(others)
+            else moved)
+    self._implant_cache = (key, (int(len(others)), hits, majority))
+    return self._implant_cache[1]
+
   def implant(self, variables: Any, tail: np.ndarray, trial: Any = None
               ) -> dict[str, Any]:
     """The tail's input-space implant: the mean difference of the tail's confirmation
@@ -151,15 +170,14 @@ class Confirmer:
     'implant_cut': the share of the images so moved that the trial no longer puts
     there, what the tail flip is to a dirty-label trigger. tail: per-image mask over
     the defense set."""
-    others, moved, majority = self.implanted(variables, tail[self.idx])
-    out: dict[str, Any] = {"implant": 0.0, "implant_images": int(len(others))}
-    if not len(others):
+    n, hits, majority = self._implant_hits(variables, tail[self.idx])
+    out: dict[str, Any] = {"implant": 0.0, "implant_images": n}
+    if not n:
       return out
-    hit = self._predict_padded(variables, moved) == majority
-    out["implant"] = float(np.mean(hit))
+    out["implant"] = float(len(hits) / n)
     if trial is not None:
-      after = self._predict_padded(trial, moved[hit]) == majority if hit.any() else hit[:0]
-      out["implant_cut"] = float(1.0 - np.mean(after)) if hit.any() else 0.0
+      out["implant_cut"] = (float(np.mean(self._predict_padded(trial, hits) != majority))
+                            if len(hits) else 0.0)
     return out
 
   def same_class(self, variables: Any, tail: np.ndarray) -> np.ndarray:
