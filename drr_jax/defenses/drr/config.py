@@ -68,8 +68,9 @@ class DRRConfig:
                               # 'one_pass'.
   rounds: int = 1             # sequential: revisit a layer, with re-extracted features,
                               # up to this many times while directions are still kept
-  ranked_rounds: int = 2      # ranked: rankings, each on the network as the last one
-                              # left it, while the last one kept something
+  ranked_rounds: int = 8      # ranked: rankings, each on the network as the last one
+                              # left it, while the last one kept something (at most
+                              # this many: a bound on time, not reached on zoo-dev)
   residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
                               # at every unit, the mean difference of the residual tail
                               # (removed-tail images still predicted as the original
