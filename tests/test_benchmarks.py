@@ -165,3 +165,51 @@ def test_torch_networks_compute_what_drr_jax_models_compute(spec):
   want = np.asarray(model.apply(variables, images))
   got = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).detach().numpy()
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_conv_bench_reads_every_conv_of_the_model_and_times_both_frameworks(tmp_path):
+  torch = pytest.importorskip("torch")
+  bench = _script("conv_bench")
+  from drr_jax.models import get_model
+  convs = bench.model_convs(get_model("resnet18", width=0.125))
+  # stem + 16 3x3 convs in 8 blocks + 3 strided 1x1 shortcuts (matrix products)
+  assert sum(convs.values()) == 20
+  assert sum(n for s, n in convs.items() if s.first) == 1
+  assert sum(n for s, n in convs.items() if s.matmul) == 3
+  assert {s.stride for s in convs} == {(1, 1), (2, 2)}
+  threads = torch.get_num_threads()
+  try:
+    out = bench.main(["--models", "resnet18@0.125", "--batch", "2", "--steps", "1",
+                      "--repeats", "1", "--torch-threads", "1", "--json",
+                      str(tmp_path / "conv.json")])
+  finally:
+    torch.set_num_threads(threads)
+  (res,) = out["results"]
+  assert sum(r["count"] for r in res["rows"]) == 20
+  for r in res["rows"]:
+    want = {"fwd", "dk"} | (set() if r["shape"]["first"] else {"dx"})
+    assert set(r["ms"]["jax"]) == set(r["ms"]["torch"]) == want
+  assert res["total_ms"]["jax"]["all"] > 0 and res["total_ms"]["torch"]["all"] > 0
+  assert json.loads((tmp_path / "conv.json").read_text())["batch"] == 2
+
+
+@pytest.mark.parametrize("matmul,stride", [(False, 1), (False, 2), (True, 2)])
+def test_conv_bench_times_the_same_convolution_in_both_frameworks(matmul, stride):
+  torch = pytest.importorskip("torch")
+  bench = _script("conv_bench")
+  k = 1 if matmul else 3
+  s = bench.ConvShape((8, 8), 4, 6, (k, k), (stride, stride), ((k // 2, k // 2),) * 2, 1,
+                      matmul, False)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 8, 8, 4), np.float32)
+  w = rng.standard_normal((k, k, 4, 6), np.float32)
+  ours = np.asarray(bench._jax_fns(s)["fwd"](jnp.asarray(x), jnp.asarray(w)))
+  theirs = bench._torch_fns(s, torch)["fwd"](
+      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+      torch.from_numpy(w.transpose(3, 2, 0, 1).copy())).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  gk = np.asarray(bench._jax_fns(s)["dk"](jnp.asarray(x), jnp.asarray(w)))
+  tgk = bench._torch_fns(s, torch)["dk"](
+      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+      torch.from_numpy(w.transpose(3, 2, 0, 1).copy())).numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_allclose(gk, tgk, rtol=1e-4, atol=1e-3)
