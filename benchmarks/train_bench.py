@@ -14,6 +14,9 @@ For each model (default: ResNet-18 x0.25 and WRN-28-1, the `cpu` models):
               progress bar and checkpoints: `attacks.train_batches` (shuffled fancy
               indexing of the uint8 training array on the host) into the same step, with
               the metrics fetched every 20 steps;
+  grad        (--grad) the forward and backward pass alone, each side (jitted
+              jax.grad of the same loss; PyTorch's loss.backward()), without
+              augmentation or optimizer: the step less these is what they cost;
   inference   (--inference) images/s of a jitted eval-mode prediction (`inference.predict`
               at batch 500) and of the PyTorch model's eval forward under no_grad.
 Both steps take uint8 pixels and normalize them inside the model, as drr_jax's models do.
@@ -48,6 +51,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
+import optax  # noqa: E402
 
 from drr_jax import attacks, configs, inference, train, utils  # noqa: E402
 from drr_jax.models import get_model  # noqa: E402
@@ -222,6 +226,31 @@ class JaxStep:
     jax.block_until_ready(self.state)
 
 
+class JaxGrad(JaxStep):
+  """The step's forward and backward pass alone (train-mode BatchNorm, the same loss),
+  jitted: no augmentation, no optimizer update. Step minus this: what the optimizer and
+  augmentation cost."""
+
+  def __init__(self, name, width, batches, labels, seed):
+    super().__init__(name, width, batches, labels, False, seed)
+    model = self.model
+
+    def loss(params, batch_stats, images, labels):
+      logits, new = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                train=True, mutable=["batch_stats"])
+      return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+              new["batch_stats"])
+    self.grad = jax.jit(jax.grad(loss, has_aux=True))
+
+  def run(self, steps: int) -> None:
+    for _ in range(steps):
+      j = self.i % len(self.batches)
+      out = self.grad(self.state["params"], self.state["batch_stats"], self.batches[j],
+                      self.labels[j])
+      self.i += 1
+    jax.block_until_ready(out)
+
+
 class JaxLoop(JaxStep):
   """The step fed as `train.train` feeds it: `attacks.train_batches` over the whole
   uint8 training array, metrics fetched every 20 steps."""
@@ -290,6 +319,23 @@ class TorchStep:
       self.i += 1
 
 
+class TorchGrad(TorchStep):
+  """The PyTorch network's forward and backward pass alone (train mode): no
+  augmentation, no optimizer step."""
+
+  def __init__(self, name, width, batches, labels, seed, channels_last):
+    super().__init__(name, width, batches, labels, False, seed, channels_last)
+
+  def run(self, steps: int) -> None:
+    for _ in range(steps):
+      j = self.i % len(self.batches)
+      x = self.batches[j].contiguous(memory_format=self.memory_format)
+      loss = self.F.cross_entropy(self.net(x), self.labels[j])
+      self.net.zero_grad(set_to_none=True)
+      loss.backward()
+      self.i += 1
+
+
 # ------------------------------------------------------------------ inference
 
 
@@ -355,6 +401,10 @@ def bench_model(spec: str, args, torch_ok: bool) -> dict[str, Any]:
   if torch_ok:
     impls["torch step"] = TorchStep(name, width, batches, labels, args.augment, 0,
                                     args.channels_last)
+  if args.grad:
+    impls["jax grad"] = JaxGrad(name, width, batches, labels, 0)
+    if torch_ok:
+      impls["torch grad"] = TorchGrad(name, width, batches, labels, 0, args.channels_last)
   if args.loop:
     n = args.loop_images
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
@@ -400,7 +450,10 @@ def bench_model(spec: str, args, torch_ok: bool) -> dict[str, Any]:
   out["ratios"] = {"step jax/torch": ratio("jax step", "torch step"),
                    "loop/step jax": ratio("jax loop", "jax step"),
                    "loop jax/torch step": ratio("jax loop", "torch step"),
-                   "inference jax/torch": ratio("jax inference", "torch inference")}
+                   "inference jax/torch": ratio("jax inference", "torch inference"),
+                   "grad jax/torch": ratio("jax grad", "torch grad"),
+                   "step/grad jax": ratio("jax step", "jax grad"),
+                   "step/grad torch": ratio("torch step", "torch grad")}
   out["ratios"] = {k: v for k, v in out["ratios"].items() if v is not None}
   return out
 
@@ -443,6 +496,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="also time drr_jax's training loop with its input pipeline")
   p.add_argument("--loop-images", type=int, default=47500,
                  help="size of the training array the loop draws from")
+  p.add_argument("--grad", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time the forward and backward pass alone (no optimizer, no "
+                      "augmentation) on both sides")
   p.add_argument("--inference", action=argparse.BooleanOptionalAction, default=True,
                  help="also time eval-mode inference (batch 500)")
   p.add_argument("--inference-images", type=int, default=2000)

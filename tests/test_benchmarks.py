@@ -99,11 +99,12 @@ def test_train_bench_reports_both_frameworks(tmp_path):
     torch.set_num_threads(threads)  # the script sets it for the whole process
   assert json.loads(out_json.read_text())["batch"] == 8
   (res,) = out["results"]
-  assert set(res["runs"]) == {"jax step", "torch step", "jax loop", "jax inference",
-                              "torch inference"}
+  assert set(res["runs"]) == {"jax step", "torch step", "jax grad", "torch grad",
+                              "jax loop", "jax inference", "torch inference"}
   assert all(r["images_per_s"] > 0 for r in res["runs"].values())
   assert set(res["ratios"]) == {"step jax/torch", "loop/step jax", "loop jax/torch step",
-                                "inference jax/torch"}
+                                "inference jax/torch", "grad jax/torch", "step/grad jax",
+                                "step/grad torch"}
   assert all(v > 0 for v in res["ratios"].values())
   # the same network: as many parameters on both sides
   assert res["params"]["jax step"] == res["params"]["torch step"]
