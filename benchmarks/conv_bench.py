@@ -6,11 +6,11 @@ The convs are read from the drr_jax model itself (a Flax method interceptor reco
 `nn.Conv` call: input shape, kernel, stride, padding, groups), grouped by shape, and each
 shape is timed alone at the training batch:
   fwd  the convolution;
-  dx   the gradient with respect to its input (absent for the first conv, whose input is
-       the image);
-  dk   the gradient with respect to its kernel.
+  dx   the gradient with respect to its input, given the output's gradient (absent for
+       the first conv, whose input is the image);
+  dk   the gradient with respect to its kernel, given the output's gradient.
 JAX runs `lax.conv_general_dilated` in drr_jax's layout (NHWC, HWIO) under jit; PyTorch
-runs `torch.nn.functional.conv2d` in NCHW with `torch.autograd.grad`. 1x1 convs that
+runs `torch.nn.functional.conv2d` and the backward kernels of `torch.nn.grad` in NCHW. 1x1 convs that
 drr_jax computes as matrix products (`PointwiseConv`) are timed as such. The two are
 interleaved per shape (--repeats), the median is reported. The totals, weighted by how
 often each shape occurs, are the convolutions' share of one step; `train_bench.py` gives
@@ -93,30 +93,26 @@ def _jax_fns(s: ConvShape) -> dict[str, Callable]:
     return jax.lax.conv_general_dilated(x, k, s.stride, s.padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=s.groups)
-  loss = lambda x, k: jnp.sum(conv(x, k))
-  fns = {"fwd": jax.jit(conv), "dk": jax.jit(jax.grad(loss, 1))}
+  # the gradients alone, given the output's cotangent g (the forward, which a linear
+  # op's transpose does not read, is dead code under jit)
+  fns = {"fwd": jax.jit(lambda x, k, g: conv(x, k)),
+         "dk": jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g)[1])}
   if not s.first:
-    fns["dx"] = jax.jit(jax.grad(loss, 0))
+    fns["dx"] = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g)[0])
   return fns
 
 
 def _torch_fns(s: ConvShape, torch) -> dict[str, Callable]:
+  """PyTorch's forward and its two backward kernels alone (`torch.nn.grad`, which
+  calls the same `convolution_backward` as autograd), given the output's gradient g."""
   import torch.nn.functional as F
+  from torch.nn import grad as G
   pad = tuple(p[0] for p in s.padding)
-
-  def conv(x, k):
-    return F.conv2d(x, k, stride=s.stride, padding=pad, groups=s.groups)
-
-  def grad(which):
-    def fn(x, k):
-      x = x.requires_grad_(which == 0)
-      k = k.requires_grad_(which == 1)
-      (g,) = torch.autograd.grad(conv(x, k).sum(), (x, k)[which])
-      return g
-    return fn
-  fns = {"fwd": lambda x, k: conv(x, k), "dk": grad(1)}
+  kw = dict(stride=s.stride, padding=pad, groups=s.groups)
+  fns = {"fwd": lambda x, k, g: F.conv2d(x, k, **kw),
+         "dk": lambda x, k, g: G.conv2d_weight(x, k.shape, g, **kw)}
   if not s.first:
-    fns["dx"] = grad(0)
+    fns["dx"] = lambda x, k, g: G.conv2d_input(x.shape, k, g, **kw)
   return fns
 
 
@@ -136,11 +132,14 @@ def bench_shape(s: ConvShape, batch: int, steps: int, repeats: int, torch=None
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch, *s.hw, s.cin), np.float32)
   k = rng.standard_normal((*s.kernel, s.cin // s.groups, s.cout), np.float32)
-  impls = {"jax": (_jax_fns(s), (jnp.asarray(x), jnp.asarray(k)), jax.block_until_ready)}
+  fns = _jax_fns(s)
+  g = rng.standard_normal(fns["fwd"](x, k, None).shape, np.float32)
+  impls = {"jax": (fns, (jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)),
+                   jax.block_until_ready)}
   if torch is not None:
-    tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
     tk = torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1)))
-    impls["torch"] = (_torch_fns(s, torch), (tx, tk), lambda out: None)
+    impls["torch"] = (_torch_fns(s, torch), (nchw(x), tk, nchw(g)), lambda out: None)
   times: dict[str, dict[str, list[float]]] = {n: {} for n in impls}
   for _ in range(repeats):
     for name, (fns, args, sync) in impls.items():

@@ -204,13 +204,17 @@ def test_conv_bench_times_the_same_convolution_in_both_frameworks(matmul, stride
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 4), np.float32)
   w = rng.standard_normal((k, k, 4, 6), np.float32)
-  ours = np.asarray(bench._jax_fns(s)["fwd"](jnp.asarray(x), jnp.asarray(w)))
-  theirs = bench._torch_fns(s, torch)["fwd"](
-      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-      torch.from_numpy(w.transpose(3, 2, 0, 1).copy())).numpy().transpose(0, 2, 3, 1)
+  jf, tf = bench._jax_fns(s), bench._torch_fns(s, torch)
+  ours = np.asarray(jf["fwd"](jnp.asarray(x), jnp.asarray(w), None))
+  g = rng.standard_normal(ours.shape, np.float32)
+  nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+  targs = (nchw(x), torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), nchw(g))
+  jargs = (jnp.asarray(x), jnp.asarray(w), jnp.asarray(g))
+  theirs = tf["fwd"](*targs).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
-  gk = np.asarray(bench._jax_fns(s)["dk"](jnp.asarray(x), jnp.asarray(w)))
-  tgk = bench._torch_fns(s, torch)["dk"](
-      torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-      torch.from_numpy(w.transpose(3, 2, 0, 1).copy())).numpy().transpose(2, 3, 1, 0)
-  np.testing.assert_allclose(gk, tgk, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(jf["dk"](*jargs)),
+                             tf["dk"](*targs).numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(jf["dx"](*jargs)),
+                             tf["dx"](*targs).numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-4, atol=1e-3)
