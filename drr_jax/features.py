@@ -14,6 +14,8 @@ functions are per image, so nothing else changes).
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -89,47 +91,78 @@ def _sow_input(next_fun, args, kwargs, context):
   return next_fun(*args, **kwargs)
 
 
-def capture(model: nn.Module, variables: Any, images: jax.Array, *,
-            outputs: bool = False, **apply_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Runs `model` and returns (logits, {layer name: input feature}) (or outputs).
+def _joined(calls: list) -> jax.Array:
+  return calls[0] if len(calls) == 1 else jnp.concatenate(calls)
+
+
+def capture_sides(model: nn.Module, variables: Any, images: jax.Array, *,
+                  inputs: bool = True, outputs: bool = True, **apply_kwargs
+                  ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+  """Runs `model` once and returns (logits, {layer: input feature}, {layer: output
+  feature}); a side not asked for is an empty dict (and not recorded).
 
   A layer called more than once (shared weights) gets its calls concatenated along the
   batch axis. Extra keyword arguments go to `model.apply` (e.g. train=False).
   """
-  with nn.intercept_methods(_sow_input):
+  with nn.intercept_methods(_sow_input) if inputs else contextlib.nullcontext():
     logits, state = model.apply(
         variables, images, capture_intermediates=(lambda m, _: is_layer(m)) if outputs
         else False, mutable=["intermediates"], **apply_kwargs)
-  flat = traverse_util.flatten_dict(state["intermediates"])
-  key = _OUTPUT if outputs else _INPUT
-  found = {"/".join(k[:-1]): (v[0] if len(v) == 1 else jnp.concatenate(v))
-           for k, v in flat.items() if k[-1] == key}
-  return logits, found
+  flat = traverse_util.flatten_dict(state.get("intermediates", {}))
+  found = [{"/".join(k[:-1]): _joined(v) for k, v in flat.items() if k[-1] == key}
+           for key in (_INPUT, _OUTPUT)]
+  return logits, found[0], found[1]
+
+
+def capture(model: nn.Module, variables: Any, images: jax.Array, *,
+            outputs: bool = False, **apply_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs `model` and returns (logits, {layer name: input feature}) (or outputs)."""
+  logits, ins, outs = capture_sides(model, variables, images, inputs=not outputs,
+                                    outputs=outputs, **apply_kwargs)
+  return logits, outs if outputs else ins
+
+
+def capture_fn_sides(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array
+                     ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+  """Like `capture_sides`, for a plain apply function that calls a Linen model inside."""
+  store: tuple[dict[str, list], dict[str, list]] = ({}, {})
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and is_layer(context.module):
+      name = "/".join(context.module.scope.path)
+      store[0].setdefault(name, []).append(args[0])
+      store[1].setdefault(name, []).append(out)
+    return out
+
+  with nn.intercept_methods(record):
+    logits = apply_fn(variables, images)
+  ins, outs = ({k: _joined(v) for k, v in side.items()} for side in store)
+  return logits, ins, outs
 
 
 def capture_fn(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array, *,
                outputs: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Like `capture`, for a plain apply function that calls a Linen model inside."""
-  store: dict[str, list] = {}
+  logits, ins, outs = capture_fn_sides(apply_fn, variables, images)
+  return logits, outs if outputs else ins
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and is_layer(context.module):
-      store.setdefault("/".join(context.module.scope.path), []).append(
-          out if outputs else args[0])
-    return out
 
-  with nn.intercept_methods(record):
-    logits = apply_fn(variables, images)
-  return logits, {k: (v[0] if len(v) == 1 else jnp.concatenate(v)) for k, v in store.items()}
+def _captured_sides(model: nn.Module | Callable, variables: Any, images: jax.Array,
+                    inputs: bool, outputs: bool
+                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """({layer: input feature}, {layer: output feature}) from one pass of a Linen module
+  (eval mode) or an apply function."""
+  if isinstance(model, nn.Module):
+    return capture_sides(model, variables, images, inputs=inputs, outputs=outputs,
+                         train=False)[1:]
+  return capture_fn_sides(model, variables, images)[1:]
 
 
 def _captured(model: nn.Module | Callable, variables: Any, images: jax.Array,
               outputs: bool) -> dict[str, jax.Array]:
   """{layer: feature} from a Linen module (eval mode) or an apply function."""
-  if isinstance(model, nn.Module):
-    return capture(model, variables, images, outputs=outputs, train=False)[1]
-  return capture_fn(model, variables, images, outputs=outputs)[1]
+  return _captured_sides(model, variables, images, not outputs, outputs)[int(outputs)]
 
 
 POOLINGS = ("max", "mean", "positions")
@@ -166,6 +199,18 @@ def _pooled(model, outputs, pooling, layers, with_means, variables, images):
 
 
 _pooled_jit = model_jit(_pooled, static_argnums=(1, 2, 3, 4))
+
+
+def _pooled_sides(model, pooling, in_layers, out_layers, variables, images):
+  """((pooled, means) of the inputs of `in_layers`, the same of the outputs of
+  `out_layers`), from one pass."""
+  found = _captured_sides(model, variables, images, bool(in_layers), bool(out_layers))
+  return tuple(({k: pool(side[k], pooling).astype(jnp.float32) for k in layers},
+                {k: pool(side[k], "mean").astype(jnp.float32) for k in layers})
+               for side, layers in zip(found, (in_layers, out_layers)))
+
+
+_pooled_sides_jit = model_jit(_pooled_sides, static_argnums=(1, 2, 3))
 
 
 def pooled_fn(model: nn.Module | Callable, *, outputs: bool, pooling: str,
@@ -227,28 +272,47 @@ def layer_order(model: nn.Module | Callable, variables: Any, image_shape) -> lis
   return order
 
 
+def extract_sides(model: nn.Module | Callable, variables: Any, images: np.ndarray, *,
+                  inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
+                  pooling: str, batch_size: int, progress: bool = True,
+                  desc: str = "features"
+                  ) -> tuple[tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                             tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+  """Streams the images through the model once, reading the input features of the layers
+  `inputs` and the output features of the layers `outputs`. Returns, for each side,
+  ({layer: (rows, C)}, {layer: (N, C)} each image's mean of the feature over positions)
+  on the host. Raises FeatureError when a layer's features hold NaN or Inf."""
+  if pooling not in POOLINGS:
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+  sides = (tuple(inputs), tuple(outputs))
+  chunks = [({k: [] for k in layers}, {k: [] for k in layers}) for layers in sides]
+  mesh = sharding.batch_mesh()
+  variables = sharding.replicate(variables, mesh)
+  for x, m in sharding.batches(images, batch_size, mesh, progress=progress, desc=desc):
+    found = sharding.to_host(_pooled_sides_jit(model, pooling, *sides, variables, x))
+    for (out, means), (rows_out, means_out) in zip(found, chunks):
+      for k, v in out.items():
+        rows_out[k].append(v[:v.shape[0] // x.shape[0] * m])
+        means_out[k].append(means[k][:m])
+  result = []
+  for rows, means in chunks:
+    feats = {k: np.concatenate(v) for k, v in rows.items()}
+    for k, v in feats.items():
+      if not np.all(np.isfinite(v)):
+        raise FeatureError(f"the features of layer {k!r} contain NaN or Inf")
+    result.append((feats, {k: np.concatenate(v) for k, v in means.items()}))
+  return result[0], result[1]
+
+
 def extract(model: nn.Module | Callable, variables: Any, images: np.ndarray,
             layers: tuple[str, ...], *, outputs: bool, pooling: str, batch_size: int,
             progress: bool = True, desc: str = "features", with_means: bool = False
             ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """Streams the images through the model; returns {layer: (rows, C)} on the host, and
-  with `with_means` also {layer: (N, C)} each image's mean of the feature over positions.
-  Raises FeatureError when a layer's features hold NaN or Inf."""
-  fn = pooled_fn(model, outputs=outputs, pooling=pooling, layers=layers, with_means=True)
-  chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
-  mean_chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
-  mesh = sharding.batch_mesh()
-  variables = sharding.replicate(variables, mesh)
-  for x, m in sharding.batches(images, batch_size, mesh, progress=progress, desc=desc):
-    out, means = sharding.to_host(fn(variables, x))
-    for k, v in out.items():
-      rows = v.shape[0] // x.shape[0] * m
-      chunks[k].append(v[:rows])
-      mean_chunks[k].append(means[k][:m])
-  feats = {k: np.concatenate(v) for k, v in chunks.items()}
-  for k, v in feats.items():
-    if not np.all(np.isfinite(v)):
-      raise FeatureError(f"the features of layer {k!r} contain NaN or Inf")
-  if with_means:
-    return feats, {k: np.concatenate(v) for k, v in mean_chunks.items()}
-  return feats
+  """Streams the images through the model; returns {layer: (rows, C)} on the host (the
+  layers' outputs or inputs), and with `with_means` also {layer: (N, C)} each image's
+  mean of the feature over positions. Raises FeatureError when a layer's features hold
+  NaN or Inf."""
+  side = {"outputs" if outputs else "inputs": tuple(layers)}
+  found = extract_sides(model, variables, images, pooling=pooling, batch_size=batch_size,
+                        progress=progress, desc=desc, **side)[int(bool(outputs))]
+  return found if with_means else found[0]

@@ -108,3 +108,32 @@ def test_pointwise_conv_equals_a_1x1_nn_conv(stride):
   ref = nn.Conv(5, (1, 1), (stride, stride), padding="VALID", use_bias=False)
   assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
   np.testing.assert_allclose(m.apply(v, x), ref.apply(v, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("as_fn", [False, True])
+def test_one_pass_reads_both_sides_as_two_passes_do(as_fn):
+  """`extract_sides` (what DRR's site features use: the inputs of some layers and the
+  outputs of others, in one pass) gives the features of one `extract` per side."""
+  model = get_model("resnet18", width=0.125)
+  images = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+  v = model.init(jax.random.key(0), images[:1])
+  net = (lambda var, x: model.apply(var, x, train=False)) if as_fn else model
+  ins, outs = ("stem_conv", "stage2_block1/conv1", "head"), ("stage1_block1/conv2",
+                                                               "stage3_block2/conv1")
+  kw = dict(pooling="max", batch_size=3, progress=False)
+  (fi, mi), (fo, mo) = features.extract_sides(net, v, images, inputs=ins, outputs=outs, **kw)
+  assert set(fi) == set(mi) == set(ins) and set(fo) == set(mo) == set(outs)
+  for layers, outputs, got, means in ((ins, False, fi, mi), (outs, True, fo, mo)):
+    want, want_means = features.extract(net, v, images, layers, outputs=outputs,
+                                        with_means=True, **kw)
+    for k in layers:
+      assert got[k].shape[0] == 7 and means[k].shape[0] == 7
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(means[k], want_means[k], rtol=1e-6, atol=1e-6)
+  # one layer on both sides: its input and its output, not one of them twice
+  (both_in, _), (both_out, _) = features.extract_sides(
+      net, v, images, inputs=("stage1_block1/conv2",), outputs=("stage1_block1/conv2",), **kw)
+  np.testing.assert_allclose(both_in["stage1_block1/conv2"], features.extract(
+      net, v, images, ("stage1_block1/conv2",), outputs=False, **kw)["stage1_block1/conv2"])
+  assert not np.allclose(both_in["stage1_block1/conv2"], both_out["stage1_block1/conv2"])
+  np.testing.assert_allclose(both_out["stage1_block1/conv2"], fo["stage1_block1/conv2"])

@@ -174,22 +174,22 @@ def extract_units(model: nn.Module | Callable, variables: Any, images: np.ndarra
                   outputs: bool, pooling: str, batch_size: int, progress: bool = True,
                   desc: str = "features", with_means: bool = False):
   """`extract` for DRR's units: layers (on the run's side), or sites (each on its own
-  side: the inputs and the outputs are read in one pass each)."""
-  kw = dict(pooling=pooling, batch_size=batch_size, progress=progress, desc=desc,
-            with_means=True)
+  side: the inputs and the outputs are read in the same pass)."""
+  kw = dict(pooling=pooling, batch_size=batch_size, progress=progress, desc=desc)
   if not site_of:
-    out = extract(model, variables, images, units, outputs=outputs, **kw)
+    out = extract(model, variables, images, units, outputs=outputs, with_means=True, **kw)
     return out if with_means else out[0]
-  feats: dict[str, np.ndarray] = {}
-  means: dict[str, np.ndarray] = {}
-  for side in ("input", "output"):
-    wanted = [u for u in units if site_of[u].side == side]
-    layers = tuple(dict.fromkeys(site_of[u].layer for u in wanted))
-    if not layers:
-      continue
-    f, m = extract(model, variables, images, layers, outputs=side == "output", **kw)
-    for u in wanted:
-      feats[u], means[u] = f[site_of[u].layer], m[site_of[u].layer]
+  # both sides in one pass over the images
+  layers = {side: tuple(dict.fromkeys(site_of[u].layer for u in units
+                                      if site_of[u].side == side))
+            for side in ("input", "output")}
+  try:
+    found = dict(zip(("input", "output"), features.extract_sides(
+        model, variables, images, inputs=layers["input"], outputs=layers["output"], **kw)))
+  except features.FeatureError as e:
+    raise DefenseError(str(e)) from e
+  feats = {u: found[site_of[u].side][0][site_of[u].layer] for u in units}
+  means = {u: found[site_of[u].side][1][site_of[u].layer] for u in units}
   return (feats, means) if with_means else feats
 
 
