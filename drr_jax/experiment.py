@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import analysis, checkpoint, configs, data, datasets, evaluate, features, utils
+from drr_jax import analysis, attacks, checkpoint, configs, data, datasets, evaluate, features, utils
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
 from drr_jax.defenses.paper import paper_config
@@ -123,7 +123,7 @@ def finished_meta(workdir: str | os.PathLike, config: dict[str, Any]
     meta = checkpoint.restore(ckpt, {"meta": None})["meta"]
   except checkpoint.CheckpointError:
     return None
-  if meta.get("config") != config:
+  if not attacks.same_training_config(meta.get("config") or {}, config):
     return None
   if len(meta.get("history", [])) < config["train"]["epochs"]:
     return None

@@ -158,7 +158,7 @@ def train(config: dict[str, Any], train_set: PoisonedSet, val_set: data.Split,
         {"model": {"params": state["params"], "batch_stats": state["batch_stats"]},
          "opt": {"opt_state": state["opt_state"], "step": state["step"]}, "meta": None},
         step)
-    if restored["meta"]["config"] != config:
+    if not attacks.same_training_config(restored["meta"]["config"], config):
       raise checkpoint.CheckpointError(
           f"{workdir} was written with another config; use a fresh --workdir or the "
           "same settings to resume")
@@ -281,7 +281,7 @@ def _train_iab(config: dict[str, Any], base: PoisonedSet, val_set: data.Split,
     restored = checkpoint.restore(
         ckpt_dir, {"model": {"params": state["params"], "batch_stats": state["batch_stats"]},
                    "opt": opt_item(state), "attack": None, "meta": None}, step)
-    if restored["meta"]["config"] != config:
+    if not attacks.same_training_config(restored["meta"]["config"], config):
       raise checkpoint.CheckpointError(
           f"{workdir} was written with another config; use a fresh --workdir or the "
           "same settings to resume")

@@ -115,3 +115,27 @@ def test_sig_settings_ratio_and_record():
   # a record without an offset (every trigger before SIG) reads as before
   old = {"pattern": ps.trigger.pattern, "mask": ps.trigger.mask}
   assert attacks.trigger_from_record(old).offset is None
+
+
+def test_a_checkpoint_config_written_before_an_attack_setting_existed_still_matches():
+  """SIG's settings became config keys after some SIG models were trained: their
+  checkpoints lack the keys and used the defaults, so they must still be found (and a
+  different value must not)."""
+  import copy
+
+  from drr_jax import grid
+  from drr_jax.attacks import same_training_config
+  cell = next(c for c in grid.NEW_ATTACKS if c.attack == "sig")
+  wanted = grid.cell_config(cell)
+  old = copy.deepcopy(wanted)
+  for key in ("sig_f", "sig_delta"):
+    del old["attack"][key]
+  assert same_training_config(old, wanted) and same_training_config(wanted, wanted)
+  other = copy.deepcopy(wanted)
+  other["attack"]["sig_f"] = wanted["attack"]["sig_f"] + 1
+  assert not same_training_config(other, wanted)
+  del other["attack"]["sig_delta"]
+  assert not same_training_config(other, wanted)
+  moved = copy.deepcopy(old)
+  moved["seed"] += 1
+  assert not same_training_config(moved, wanted)

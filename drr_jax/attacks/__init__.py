@@ -43,6 +43,23 @@ def default_settings(name: str, preset: str) -> dict[str, Any]:
   return {}
 
 
+def same_training_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+  """Whether a training config read back from a checkpoint is `wanted`. An attack setting
+  that `default_settings` added to configs after the checkpoint was written (SIG's and
+  CLA's on 2026-12-06) is absent from it; those runs used the default, so an absent key
+  reads as its default. Any other difference is a different config."""
+  if stored == wanted:
+    return True
+
+  def filled(cfg: dict[str, Any]) -> dict[str, Any]:
+    attack = dict(cfg.get("attack", {}))
+    for key, value in default_settings(str(attack.get("name", "none")),
+                                       str(cfg.get("preset", "cpu"))).items():
+      attack.setdefault(key, value)
+    return {**cfg, "attack": attack}
+  return filled(stored) == filled(wanted)
+
+
 def resolve(config: dict[str, Any]) -> dict[str, Any]:
   """Fills in what the attack's name implies (label mode)."""
   config = dict(config)
