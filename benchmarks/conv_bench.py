@@ -117,7 +117,7 @@ def _torch_fns(s: ConvShape, torch) -> dict[str, Callable]:
 
 
 def _time(fn: Callable, args, steps: int, sync: Callable) -> float:
-  """Median-ready seconds per call of fn(*args) over `steps` calls, after one warm-up."""
+  """Seconds per call of fn(*args), the mean over `steps` calls after one warm-up."""
   sync(fn(*args))
   t0 = time.perf_counter()
   for _ in range(steps):
