@@ -238,10 +238,19 @@ def check_fits(tree: Any, reference: Any, what: str) -> None:
                             f"{np.shape(flat[k])}, the model needs {np.shape(r)}")
 
 
-def export_variables(workdir: str | os.PathLike, out: str | os.PathLike) -> Path:
+SAMPLE_KEYS = ("iab_rows", "iab_labels", "iab_kind", "iab_delta", "iab_images")
+
+
+def export_variables(workdir: str | os.PathLike, out: str | os.PathLike, *,
+                     samples: bool = True) -> Path:
   """Copies a run's model variables, attack record and meta (no optimizer state: a few
   MB) from its latest checkpoint in `workdir` to a new checkpoint folder `out`, the form
-  in which the project commits the checkpoints its results come from. Returns `out`."""
+  in which the project commits the checkpoints its results come from. Returns `out`.
+
+  `samples=False` leaves out the poisoned samples an IAB record keeps (`SAMPLE_KEYS`:
+  thousands of images, a data set rather than model variables); such an export still
+  gives the model and the test-time trigger, but not the defense set
+  (`attacks.iab.trained_set` says so)."""
   src = Path(workdir)
   if (src / "checkpoints").is_dir():
     src = src / "checkpoints"
@@ -250,6 +259,8 @@ def export_variables(workdir: str | os.PathLike, out: str | os.PathLike) -> Path
   if step is None:
     raise CheckpointError(f"{src} holds no complete checkpoint step")
   items = restore(src, {"model": None, "attack": None, "meta": None}, step)
+  if not samples:
+    items["attack"] = {k: v for k, v in items["attack"].items() if k not in SAMPLE_KEYS}
   out = Path(out)
   save(manager(out / "checkpoints", keep=1), step, items)
   return out

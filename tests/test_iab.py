@@ -291,3 +291,19 @@ def test_a_killed_run_resumes_to_the_same_result(run, tmp_path, monkeypatch):
   cfg = {**cfg, "attack": {**cfg["attack"], "iab_lambda_div": 2.0}}
   with pytest.raises(checkpoint.CheckpointError, match="another config"):
     train.train(cfg, ds.base, ds.val, tmp_path, resume=True, progress=False)
+
+
+def test_an_export_without_samples_gives_the_trigger_and_refuses_the_defense_set(run):
+  """The committed form of an IAB checkpoint leaves out the recorded samples (a data
+  set): the model and the test-time trigger still load, and asking it for the training
+  set is an error that says why, not the clean set in silence."""
+  out = checkpoint.export_variables(run["tmp"] / "a", run["tmp"] / "slim", samples=False)
+  _, _, _, rec = checkpoint.load_model(out)
+  assert not set(checkpoint.SAMPLE_KEYS) & set(rec)
+  assert "iab_generator" in rec and np.any(rec["poison_mask"])
+  x = run["ds"].val.images[:4]
+  _, _, _, full = checkpoint.load_model(run["tmp"] / "a")
+  np.testing.assert_array_equal(iab.trigger_from_record(rec).fn(x),
+                                iab.trigger_from_record(full).fn(x))
+  with pytest.raises(ValueError, match="no recorded samples"):
+    iab.trained_set(run["ds"].base, rec)

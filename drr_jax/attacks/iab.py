@@ -492,6 +492,11 @@ def trained_set(base: PoisonedSet, rec: dict[str, Any]) -> PoisonedSet:
   if len(rec["poison_mask"]) != n:
     raise ValueError(f"the IAB record is of a training set of {len(rec['poison_mask'])} "
                      f"images, not {n}")
+  if "iab_rows" not in rec and np.any(rec["poison_mask"]):
+    raise ValueError("this IAB record holds no recorded samples (a checkpoint exported "
+                     "without them, `checkpoint.export_variables(samples=False)`): the "
+                     "training set it trained on cannot be rebuilt from it; use the "
+                     "training checkpoint")
   images, labels = np.array(base.images, copy=True), np.array(base.labels, np.int32)
   idx = np.zeros(0, np.int64)
   if "iab_rows" in rec:
