@@ -10,8 +10,9 @@ shape is timed alone at the training batch:
        the first conv, whose input is the image);
   dk   the gradient with respect to its kernel, given the output's gradient.
 JAX runs `lax.conv_general_dilated` in drr_jax's layout (NHWC, HWIO) under jit; PyTorch
-runs `torch.nn.functional.conv2d` and the backward kernels of `torch.nn.grad` in NCHW. 1x1 convs that
-drr_jax computes as matrix products (`PointwiseConv`) are timed as such. The two are
+runs `torch.nn.functional.conv2d` and the backward kernels of `torch.nn.grad` in NCHW.
+1x1 convs that drr_jax computes as matrix products (`PointwiseConv`) are timed as such.
+The two are
 interleaved per shape (--repeats), the median is reported. The totals, weighted by how
 often each shape occurs, are the convolutions' share of one step; `train_bench.py` gives
 the whole step.

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import analysis, attacks, checkpoint, configs, data, datasets, evaluate, features, utils
+from drr_jax import (analysis, attacks, checkpoint, configs, data, datasets, evaluate,
+                     features, utils)
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
 from drr_jax.defenses.paper import paper_config
