@@ -131,6 +131,28 @@ def finished_meta(workdir: str | os.PathLike, config: dict[str, Any]
   return meta
 
 
+def lacks_samples(folder: str | os.PathLike) -> bool:
+  """Whether the checkpoint in folder holds an IAB record exported without its recorded
+  samples (`checkpoint.export_variables(samples=False)`, the committed form): it gives
+  the model and the trigger, not the training set a defense reads."""
+  try:
+    rec = checkpoint.restore(Path(folder) / "checkpoints", {"attack": None})["attack"]
+  except checkpoint.CheckpointError:
+    return False
+  return bool(rec and "iab_generator" in rec and "iab_rows" not in rec
+              and np.any(rec.get("poison_mask", False)))
+
+
+def reuse_folder(exported: str | os.PathLike, workdir: str | os.PathLike,
+                 config: dict[str, Any]) -> Path:
+  """The finished checkpoint to reuse, given a finished export: the export, unless it
+  lacks IAB's recorded samples and the training checkpoint in workdir, which has them,
+  is finished too (then a rerun can still rebuild the defense set)."""
+  if lacks_samples(exported) and finished_meta(workdir, config) is not None:
+    return Path(workdir)
+  return Path(exported)
+
+
 def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
                ckpt_root: str | os.PathLike, export_root: str | os.PathLike | None = None,
                *, cache_dir: str | os.PathLike | None = None, progress: bool = True
@@ -144,7 +166,7 @@ def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
   workdir = Path(ckpt_root) / cid
   exported = Path(export_root) / cid if export_root is not None else None
   if exported is not None and finished_meta(exported, tcfg) is not None:
-    return exported
+    return reuse_folder(exported, workdir, tcfg)
   if finished_meta(workdir, tcfg) is None:
     ds = datasets.load(tcfg, data_dir, cache_dir, test=False)
     train_lib.train(tcfg, ds.base, ds.val, workdir, resume=True, progress=progress)

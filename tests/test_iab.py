@@ -307,3 +307,19 @@ def test_an_export_without_samples_gives_the_trigger_and_refuses_the_defense_set
                                 iab.trigger_from_record(full).fn(x))
   with pytest.raises(ValueError, match="no recorded samples"):
     iab.trained_set(run["ds"].base, rec)
+
+
+def test_a_rerun_prefers_the_training_checkpoint_to_an_export_without_samples(run, tmp_path):
+  """The grid reuses a finished export; one that left out IAB's samples cannot give the
+  defense set, so where the training checkpoint (which has them) is finished, that is
+  reused instead; without it the export is still returned (its model and trigger load)."""
+  from drr_jax import experiment
+  full, cfg = run["tmp"] / "a", run["cfg"]
+  slim = checkpoint.export_variables(full, tmp_path / "slim", samples=False)
+  whole = checkpoint.export_variables(full, tmp_path / "whole")
+  assert experiment.lacks_samples(slim) and not experiment.lacks_samples(whole)
+  assert not experiment.lacks_samples(full)
+  assert experiment.finished_meta(full, cfg) is not None
+  assert experiment.reuse_folder(slim, full, cfg) == full
+  assert experiment.reuse_folder(whole, full, cfg) == whole
+  assert experiment.reuse_folder(slim, tmp_path / "absent", cfg) == slim
