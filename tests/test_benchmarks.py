@@ -218,3 +218,25 @@ def test_conv_bench_times_the_same_convolution_in_both_frameworks(matmul, stride
   np.testing.assert_allclose(np.asarray(jf["dx"](*jargs)),
                              tf["dx"](*targs).numpy().transpose(0, 2, 3, 1),
                              rtol=1e-4, atol=1e-3)
+
+
+def test_record_costs_reads_each_timed_record_and_skips_the_rest(tmp_path, capsys):
+  bench = _script("record_costs")
+  rec = {"cell_id": "cell-a", "git": {"commit": "abcdef0123"},
+         "times": {"plain_pass_seconds": 10.0, "defense_seconds": 35.0,
+                   "paper_defense_seconds": 20.0},
+         "drr": {"num_images": 1000, "directions_kept": 2, "feature_passes": 2},
+         "paper": {"drr": {"feature_passes": 5}}}
+  (tmp_path / "a.json").write_text(json.dumps(rec))
+  (tmp_path / "b.json").write_text(json.dumps({**rec, "cell_id": "cell-b",
+                                               "times": {"defense_seconds": 3.0}}))
+  (tmp_path / "c.json").write_text("{not json")
+  rows = bench.main([str(tmp_path)])
+  assert [r["cell"] for r in rows] == ["cell-a"]
+  assert rows[0]["drr_x"] == pytest.approx(3.5) and rows[0]["paper_x"] == pytest.approx(2.0)
+  assert rows[0]["passes"] == 2 and rows[0]["paper_passes"] == 5
+  out = capsys.readouterr().out
+  assert "| `cell-a` | abcdef0 | 1,000 | 10.0 | 35.0 | 3.50 |" in out
+  assert "median DRR x floor 3.50" in out
+  with pytest.raises(SystemExit):
+    bench.main([str(tmp_path / "absent")])
