@@ -12,10 +12,11 @@ then (the records were taken beside other jobs; `defend_bench.py` gives quiet fi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
+
+from drr_jax import experiment
 
 
 def costs(folders: list[str]) -> list[dict[str, Any]]:
@@ -23,11 +24,8 @@ def costs(folders: list[str]) -> list[dict[str, Any]]:
   rows = []
   for folder in folders:
     for path in sorted(Path(folder).glob("*.json")):
-      try:
-        rec = json.loads(path.read_text())
-      except (OSError, json.JSONDecodeError):
-        continue
-      if not isinstance(rec, dict):
+      rec, _ = experiment.read_record(path, required=("cell_id", "times"))
+      if rec is None:  # unparsable, unfinished or of another schema
         continue
       times = rec.get("times") or {}
       floor = times.get("plain_pass_seconds")
@@ -35,7 +33,7 @@ def costs(folders: list[str]) -> list[dict[str, Any]]:
       if not floor or drr is None:
         continue
       rows.append({
-          "cell": rec.get("cell_id", path.stem), "commit": (rec.get("git") or {}).get(
+          "cell": rec["cell_id"], "commit": (rec.get("git") or {}).get(
               "commit", "")[:7], "n": (rec.get("drr") or {}).get("num_images"),
           "floor_s": floor, "drr_s": drr, "drr_x": drr / floor,
           "paper_s": paper, "paper_x": None if paper is None else paper / floor,

@@ -222,7 +222,7 @@ def test_conv_bench_times_the_same_convolution_in_both_frameworks(matmul, stride
 
 def test_record_costs_reads_each_timed_record_and_skips_the_rest(tmp_path, capsys):
   bench = _script("record_costs")
-  rec = {"cell_id": "cell-a", "git": {"commit": "abcdef0123"},
+  rec = {"schema": 1, "status": "done", "cell_id": "cell-a", "git": {"commit": "abcdef0123"},
          "times": {"plain_pass_seconds": 10.0, "defense_seconds": 35.0,
                    "paper_defense_seconds": 20.0},
          "drr": {"num_images": 1000, "directions_kept": 2, "feature_passes": 2},
