@@ -27,6 +27,7 @@ from drr_jax import (analysis, attacks, checkpoint, configs, data, datasets, eva
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
 from drr_jax.defenses.paper import paper_config
+from drr_jax.defenses.drr.config import with_added_settings
 from drr_jax.grid import Cell, cell_config, cell_id
 
 SCHEMA = 1
@@ -103,9 +104,22 @@ def record_status(path: str | os.PathLike, config: dict[str, Any]) -> str:
   rec, problem = read_record(path)
   if problem:
     return f"invalid: {problem}"
-  if rec.get("config") != config:
+  if not same_config(rec.get("config"), config):
     return "stale: made with another config"
   return "done"
+
+
+def same_config(stored: Any, config: dict[str, Any]) -> bool:
+  """Whether a record's config is `config`, its DRR sections read with the settings
+  added since at the values that reproduce the code it was made with
+  (`drr.config.ADDED_LATER`)."""
+  if not isinstance(stored, dict):
+    return False
+  stored = dict(stored)
+  for section in ("drr", "paper"):
+    if isinstance(stored.get(section), dict):
+      stored[section] = with_added_settings(stored[section])
+  return stored == config
 
 
 def is_done(path: str | os.PathLike, config: dict[str, Any]) -> bool:

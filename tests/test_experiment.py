@@ -140,6 +140,13 @@ def test_tiny_grid_end_to_end_resumes_and_reports(tmp_path, monkeypatch):
     bad.write_text(json.dumps({**redone, **change}))
     assert experiment.record_status(bad, cfg).startswith(expect)
   assert experiment.record_status(tmp_path / "absent.json", cfg) == "missing"
+  # a record made before a setting that reproduces the code before it (search_samples
+  # None) is still done; one made before ranked_rounds (which changed the defaults) is not
+  for key, expect in (("search_samples", "done"), ("ranked_rounds", "stale")):
+    old = tmp_path / "old.json"
+    stored = {s: {k: v for k, v in cfg[s].items() if k != key} for s in ("drr", "paper")}
+    old.write_text(json.dumps({**redone, "config": {**cfg, **stored}}))
+    assert experiment.record_status(old, cfg).startswith(expect), key
 
   # (d) the report: Table 1 layout and both figures, byte-identical when re-run, and a
   # broken file in the results folder is skipped

@@ -19,6 +19,7 @@ import time
 from typing import Any, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -46,10 +47,28 @@ def run_layers(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
   return sequential(run, variables, state)
 
 
+def _on_all_rows(run: Run, x: np.ndarray, res: stiefel.FrameResult
+                 ) -> stiefel.FrameResult:
+  """`res` of an ascent on a subset of x's rows, its criterion values taken on all of
+  them (what the candidates' gate and the report read)."""
+  values = stiefel.criterion(stiefel.center(x), jnp.asarray(res.frame),
+                             bool(run.cfg.standardize))
+  return res._replace(values=np.asarray(jax.device_get(values)))
+
+
+def search(run: Run, x: np.ndarray, k: int) -> stiefel.FrameResult:
+  """One unit's optimized frame on its features x (rows, C): the ascent on the rows of
+  `run.search_rows` (all rows by default), the criterion on all rows."""
+  rows = run.search_rows(len(x))
+  res = jax.device_get(stiefel.maximize(x if rows is None else x[rows], k,
+                                        **run.search_options()))
+  return res if rows is None else _on_all_rows(run, x, res)
+
+
 def _frames(run: Run, feats: dict[str, np.ndarray]
             ) -> dict[str, tuple[stiefel.FrameResult, float]]:
-  """Every unit's optimized frame, frames of equal shape in one vmapped program;
-  -> unit: (result, seconds spent per unit)."""
+  """Every unit's optimized frame, frames of equal shape in one vmapped program (each
+  on the rows of `run.search_rows`); -> unit: (result, seconds spent per unit)."""
   by_shape: dict[tuple[int, int], list[str]] = {}
   for name in run.order:
     by_shape.setdefault(feats[name].shape, []).append(name)
@@ -57,10 +76,13 @@ def _frames(run: Run, feats: dict[str, np.ndarray]
   for shape, names in tqdm(by_shape.items(), desc="directions", disable=not run.progress,
                            leave=False):
     t0 = time.time()
+    rows = run.search_rows(shape[0])
     res = jax.device_get(stiefel.maximize_stacked(
-        np.stack([feats[n] for n in names]), run.k(names[0]), **run.search_options()))
+        np.stack([feats[n] if rows is None else feats[n][rows] for n in names]),
+        run.k(names[0]), **run.search_options()))
     for i, name in enumerate(names):
-      results[name] = (stiefel.FrameResult(res.frame[i], res.values[i], res.history[i]),
+      one = stiefel.FrameResult(res.frame[i], res.values[i], res.history[i])
+      results[name] = (one if rows is None else _on_all_rows(run, feats[name], one),
                        (time.time() - t0) / len(names))
   return results
 
@@ -111,7 +133,7 @@ def sequential(run: Run, variables: dict[str, Any], state: LoopState) -> LoopRes
         # the kernel now sees it, with the removed directions projected out.
         v = np.concatenate(removed, axis=1)
         x = x - (x @ v) @ v.T
-      res = jax.device_get(stiefel.maximize(x, run.k(name), **run.search_options()))
+      res = search(run, x, run.k(name))
       prior = [u for v in removed for u in np.asarray(v, np.float64).T]
       d, state = decide(run, state, name, x, res, variables, means[name], prior)
       variables = d.variables

@@ -73,6 +73,18 @@ class Run:
     return {"steps": int(cfg.steps), "lr": float(cfg.lr),
             "standardize": bool(cfg.standardize), "search": cfg.search}
 
+  def search_rows(self, rows: int) -> np.ndarray | None:
+    """The rows of a unit's features (`rows` of them, an equal number per image) that
+    the ascent reads: those of a fixed random subset of `search_samples` images (seed
+    `seed` + 2; the confirmation uses `seed` and `seed` + 1), or None for every row."""
+    m = self.cfg.search_samples
+    if m is None or int(m) >= self.n:
+      return None
+    per = rows // self.n
+    images = np.sort(np.random.default_rng(self.cfg.seed + 2).choice(
+        self.n, int(m), replace=False))
+    return (images[:, None] * per + np.arange(per)).ravel()
+
   def extract_options(self) -> dict[str, Any]:
     """Keyword arguments of `inputs.extract`, less the layers and the progress label."""
     cfg = self.cfg
