@@ -1,5 +1,6 @@
 """`search_samples`: the Stiefel ascent on a fixed subset of the images (issue 18), the
 criterion and everything after it on all of them."""
+import jax
 import numpy as np
 import pytest
 
@@ -80,3 +81,60 @@ def test_search_rows_takes_every_row_of_the_chosen_images():
 def test_a_bad_search_samples_is_refused_before_any_work(bad):
   with pytest.raises(DefenseError, match="search_samples"):
     make_config({"search_samples": bad})
+
+
+# ---------------------------------------------------------------- later_samples
+
+from tests.test_ranking import Chain, _case  # noqa: E402
+
+_RANKED = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
+           "carry": False, "mode": "ranked", "ranked_rounds": 3}
+
+
+def test_later_images_hold_the_confirmation_images(monkeypatch):
+  images, v, _ = _case()
+  seen, original = {}, Run.later_images
+
+  def spy(self):
+    seen["images"], seen["idx"] = original(self), self.confirmer.idx
+    seen["again"] = original(self)
+    return seen["images"]
+  monkeypatch.setattr(Run, "later_images", spy)
+  defend(Chain(), v, images, config={**_RANKED, "later_samples": 2500}, progress=False)
+  chosen = seen["images"]
+  assert len(chosen) == 2500 and np.all(np.diff(chosen) > 0)
+  assert np.isin(seen["idx"], chosen).all()
+  assert np.array_equal(seen["again"], chosen)  # a fixed choice, the same each round
+
+
+def test_a_later_round_on_every_image_by_index_is_the_plain_later_round(monkeypatch):
+  """The index plumbing of `later_samples` (tails mapped back to all N, benign means and
+  tail means on the subset) is exact: a subset that is every image gives bit-identical
+  results to no subset."""
+  images, v, _ = _case()
+  plain, rep_plain = defend(Chain(), v, images, config=_RANKED, progress=False)
+  monkeypatch.setattr(Run, "later_images", lambda self: np.arange(self.n))
+  indexed, rep_indexed = defend(Chain(), v, images, config=_RANKED, progress=False)
+  assert rep_plain["feature_passes"] == rep_indexed["feature_passes"] == 3
+  assert any(e["kept"] for e in rep_plain["layers"] if e["round"] == 2)  # round 2 counts
+  strip = lambda r: [{k: e[k] for k in ("layer", "criterion", "kept", "directions")}
+                     for e in r["layers"]]
+  assert strip(rep_plain) == strip(rep_indexed)
+  for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(indexed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_later_round_on_a_subset_reads_only_those_images_and_keeps_the_removal():
+  images, v, _ = _case()
+  full, rep_full = defend(Chain(), v, images, config=_RANKED, progress=False)
+  sub, rep_sub = defend(Chain(), v, images, config={**_RANKED, "later_samples": 2500},
+                        progress=False)
+  rows = {(e["round"], e["rows"]) for e in rep_sub["layers"]}
+  assert rows == {(1, 4000), (2, 2500), (3, 2500)}, rows
+  kept = lambda r: [(e["round"], e["layer"], e["kept"]) for e in r["layers"]]
+  assert kept(rep_sub) == kept(rep_full)  # round 2 keeps a direction at the same unit
+  dirs = lambda r: [np.asarray(d) for e in r["layers"] for d in e["directions"]]
+  for a, b in zip(dirs(rep_full), dirs(rep_sub)):  # estimated on 2,500 of the 4,000
+    assert abs(float(a @ b)) > 0.99
+  predict = lambda w: np.argmax(np.asarray(Chain().apply(w, images)), -1)
+  assert np.mean(predict(full) == predict(sub)) > 0.99

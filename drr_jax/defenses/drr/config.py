@@ -33,8 +33,8 @@ class DRRConfig:
   `layers`: None (every layer) or a list/tuple of layer names, held as a tuple (`to_dict`
   gives it back as a list). A plain string is rejected rather than read as one name (or
   split into characters): write ['stage1_block1/conv1'].
-  Integer settings (steps, search_samples, rounds, ranked_rounds, batch_size,
-  confirm_samples) take integers or integral floats (200.0), which `int()` reads; `k`
+  Integer settings (steps, search_samples, rounds, ranked_rounds, later_samples,
+  batch_size, confirm_samples) take integers or integral floats (200.0), which `int()` reads; `k`
   and `seed` take integers only.
   """
   side: str = "sites"         # 'sites': remove a feature's direction wherever the
@@ -77,6 +77,10 @@ class DRRConfig:
   ranked_rounds: int = 8      # ranked: rankings, each on the network as the last one
                               # left it, while the last one kept something (at most
                               # this many: a bound on time, not reached on zoo-dev)
+  later_samples: int | None = None  # ranked: images that the rankings after the first
+                              # read (a fixed random subset holding the confirmation
+                              # images, seeded by `seed`); they look for what the first
+                              # removals left, on those images. None: every image
   residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
                               # at every unit, the mean difference of the residual tail
                               # (removed-tail images still predicted as the original
@@ -157,7 +161,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DRRConfig))
 # before it (an experimental setting off, a new option at "all" or "as before"): stored
 # settings without one were made with that value (`with_added_settings`). A setting
 # whose arrival changed what the defaults do (ranked_rounds) is not here.
-ADDED_LATER = {"flip_on": "tail", "min_implant": None, "search_samples": None}
+ADDED_LATER = {"flip_on": "tail", "min_implant": None, "search_samples": None,
+               "later_samples": None}
 
 
 def with_added_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -238,11 +243,12 @@ def _validate(cfg: DRRConfig) -> None:
   _integer("batch_size", cfg.batch_size)
   if cfg.steps < 0 or not cfg.lr > 0 or cfg.batch_size < 1:
     raise DefenseError("steps must be >= 0, lr > 0 and batch_size >= 1")
-  if cfg.search_samples is not None:
-    _integer("search_samples", cfg.search_samples)
-    if int(cfg.search_samples) < 2:
-      raise DefenseError(f"search_samples must be None or an integer >= 2, got "
-                         f"{cfg.search_samples!r}")
+  for key in ("search_samples", "later_samples"):
+    value = getattr(cfg, key)
+    if value is not None:
+      _integer(key, value)
+      if int(value) < 2:
+        raise DefenseError(f"{key} must be None or an integer >= 2, got {value!r}")
   _integer("rounds", cfg.rounds)
   if int(cfg.rounds) < 1:
     raise DefenseError(f"rounds must be >= 1, got {cfg.rounds!r}")

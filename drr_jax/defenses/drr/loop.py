@@ -65,10 +65,11 @@ def search(run: Run, x: np.ndarray, k: int) -> stiefel.FrameResult:
   return res if rows is None else _on_all_rows(run, x, res)
 
 
-def _frames(run: Run, feats: dict[str, np.ndarray]
+def _frames(run: Run, feats: dict[str, np.ndarray], images: int | None = None
             ) -> dict[str, tuple[stiefel.FrameResult, float]]:
   """Every unit's optimized frame, frames of equal shape in one vmapped program (each
-  on the rows of `run.search_rows`); -> unit: (result, seconds spent per unit)."""
+  on the rows of `run.search_rows`; feats over `images` images, by default all N);
+  -> unit: (result, seconds spent per unit)."""
   by_shape: dict[tuple[int, int], list[str]] = {}
   for name in run.order:
     by_shape.setdefault(feats[name].shape, []).append(name)
@@ -76,7 +77,7 @@ def _frames(run: Run, feats: dict[str, np.ndarray]
   for shape, names in tqdm(by_shape.items(), desc="directions", disable=not run.progress,
                            leave=False):
     t0 = time.time()
-    rows = run.search_rows(shape[0])
+    rows = run.search_rows(shape[0], images)
     res = jax.device_get(stiefel.maximize_stacked(
         np.stack([feats[n] if rows is None else feats[n][rows] for n in names]),
         run.k(names[0]), **run.search_options()))
@@ -159,7 +160,8 @@ def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
   lost: dict[str, list[np.ndarray]] = {}
   passes = 0
   for r in range(int(run.cfg.ranked_rounds)):
-    later = (None if r == 0 else ranking.Later(original, state.removed_tails))
+    later = (None if r == 0 else
+             ranking.Later(original, state.removed_tails, run.later_images()))
     variables, kept, state, round_entries = _ranked_round(run, variables, state, lost,
                                                           later)
     passes += 1
@@ -178,13 +180,14 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
   """One round of `ranked` on the network `variables`; `lost`: the unit directions
   removed in earlier rounds. -> (network, kept candidates, state, layer entries)."""
   entries: list[dict[str, Any]] = []
-  feats, means = run.extract(variables, tuple(run.order))
+  images = None if later is None else later.images
+  feats, means = run.extract(variables, tuple(run.order), images=images)
   for name, vs in lost.items():
     if not run.unit_outputs(name):
       # folded into the readers, not the tensor: look at it as the readers now see it
       v = np.stack(vs, 1)
       feats[name] = feats[name] - (feats[name] @ v) @ v.T
-  results = _frames(run, feats)
+  results = _frames(run, feats, None if images is None else len(images))
   scored: dict[str, list[ranking.Scored]] = {}
   seconds: dict[str, float] = {}
   coverage = state.coverage
@@ -199,7 +202,7 @@ def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,
     if residual is not None:
       extra, coverage = ranking.residual_candidates(
           run, variables, name, feats[name], means[name], residual, coverage,
-          prior=lost.get(name, ()))
+          prior=lost.get(name, ()), images=images)
       scored[name] += extra
     seconds[name] = dt + time.time() - t0
   every = [s for name in run.order for s in scored[name]]

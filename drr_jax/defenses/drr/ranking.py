@@ -41,6 +41,19 @@ class Later(NamedTuple):
   """What the rounds before left, for scoring a later round's candidates."""
   original: np.ndarray       # the original network's predictions on the confirmation set
   removed_tails: np.ndarray  # (N,) bool: the tails removed so far
+  images: np.ndarray | None = None  # the defense images this round reads (sorted
+                                    # indices, the confirmation images among them;
+                                    # `later_samples`), None: all N
+
+
+def on_all(mask: np.ndarray, images: np.ndarray | None, n: int) -> np.ndarray:
+  """A per-image mask over the images at indices `images` as one over all n defense
+  images (False on the others); `mask` itself when images is None."""
+  if images is None:
+    return mask
+  full = np.zeros(n, bool)
+  full[images] = mask
+  return full
 
 
 class Scored(NamedTuple):
@@ -99,13 +112,16 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
   """Every candidate of `unit` (columns with criterion > tau, duplicates dropped), each
   removed alone from the network `variables` and confirmed there. `prior`: unit
   directions the unit already lost (candidates are made orthogonal to them); `later`:
-  in a round after the first, what the first rounds left (see `passes`)."""
+  in a round after the first, what the first rounds left (see `passes`); x and means
+  are then over its images (`later.images`), the tails it finds over all N."""
   values, frame = np.asarray(res.values), np.asarray(res.frame)
+  images = None if later is None else later.images
+  n = run.n if images is None else len(images)
   scored: list[Scored] = []
   for j in np.argsort(-values):
     if not values[j] > run.cfg.tau:
       break
-    found = candidates.candidate(x, frame[:, j], run.n, direction=run.cfg.direction,
+    found = candidates.candidate(x, frame[:, j], n, direction=run.cfg.direction,
                                  tail_z=run.cfg.tail_z, against=prior)
     if found is None:
       continue
@@ -113,6 +129,7 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
     if any(abs(float(v @ s.v)) > DUPLICATE for s in scored):
       continue
     benign = means[~tail].mean(0).astype(np.float64)
+    tail = on_all(tail, images, run.n)
     trial, mean_kept, coverage = run.removal.project(
         variables, unit, v[:, None].astype(np.float32), benign, coverage)
     extra = ({} if later is None else
@@ -168,18 +185,21 @@ def residual_tail(run: Run, variables: Mapping[str, Any], later: Later) -> np.nd
 
 def residual_candidates(run: Run, variables: Mapping[str, Any], unit: str,
                         x: np.ndarray, means: np.ndarray, residual: np.ndarray,
-                        coverage, prior: Sequence[np.ndarray] = ()
-                        ) -> tuple[list[Scored], Any]:
+                        coverage, prior: Sequence[np.ndarray] = (),
+                        images: np.ndarray | None = None) -> tuple[list[Scored], Any]:
   """A later round's candidate of `unit` that needs no search: the mean difference of
   the residual tail's features and the rest's (Theorem 1's d for the poison that is
-  left), removed from the network `variables` and confirmed on those images."""
+  left), removed from the network `variables` and confirmed on those images. x and
+  means: over the defense images at `images` (None: all), which hold the residual
+  tail (a mask over all N)."""
   if residual.sum() < MIN_TAIL:
     return [], coverage
-  v = candidates.tail_mean(x, residual, run.n)
+  here = residual if images is None else residual[images]
+  v = candidates.tail_mean(x, here, len(here))
   v = None if v is None else candidates.orthonormal(v, prior)
   if v is None:
     return [], coverage
-  benign = means[~residual].mean(0).astype(np.float64)
+  benign = means[~here].mean(0).astype(np.float64)
   trial, mean_kept, coverage = run.removal.project(
       variables, unit, v[:, None].astype(np.float32), benign, coverage)
   stats = run.confirmer.check(variables, trial, residual,

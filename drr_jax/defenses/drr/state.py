@@ -73,17 +73,34 @@ class Run:
     return {"steps": int(cfg.steps), "lr": float(cfg.lr),
             "standardize": bool(cfg.standardize), "search": cfg.search}
 
-  def search_rows(self, rows: int) -> np.ndarray | None:
-    """The rows of a unit's features (`rows` of them, an equal number per image) that
-    the ascent reads: those of a fixed random subset of `search_samples` images (seed
-    `seed` + 2; the confirmation uses `seed` and `seed` + 1), or None for every row."""
-    m = self.cfg.search_samples
+  def search_rows(self, rows: int, images: int | None = None) -> np.ndarray | None:
+    """The rows of a unit's features (`rows` of them over `images` images, by default
+    all N; an equal number per image) that the ascent reads: those of a fixed random
+    subset of `search_samples` images (seed `seed` + 2; the confirmation uses `seed` and
+    `seed` + 1), or None for every row."""
+    m, n = self.cfg.search_samples, self.n if images is None else int(images)
+    if m is None or int(m) >= n:
+      return None
+    per = rows // n
+    chosen = np.sort(np.random.default_rng(self.cfg.seed + 2).choice(n, int(m),
+                                                                      replace=False))
+    return (chosen[:, None] * per + np.arange(per)).ravel()
+
+  def later_images(self) -> np.ndarray | None:
+    """The defense images (sorted indices) that the rankings after the first read:
+    the confirmation images and a fixed random choice of the others (seed `seed` + 3),
+    `later_samples` in all; None for every image."""
+    m = self.cfg.later_samples
     if m is None or int(m) >= self.n:
       return None
-    per = rows // self.n
-    images = np.sort(np.random.default_rng(self.cfg.seed + 2).choice(
-        self.n, int(m), replace=False))
-    return (images[:, None] * per + np.arange(per)).ravel()
+    held = np.zeros(self.n, bool)
+    if self.confirmer is not None:
+      held[self.confirmer.idx] = True
+    others = np.flatnonzero(~held)
+    extra = max(0, int(m) - int(held.sum()))
+    held[np.random.default_rng(self.cfg.seed + 3).choice(others, min(extra, len(others)),
+                                                         replace=False)] = True
+    return np.flatnonzero(held)
 
   def extract_options(self) -> dict[str, Any]:
     """Keyword arguments of `inputs.extract`, less the layers and the progress label."""
@@ -91,11 +108,14 @@ class Run:
     return dict(outputs=self.outputs, pooling=cfg.pooling, batch_size=int(cfg.batch_size),
                 progress=self.progress, with_means=True)
 
-  def extract(self, variables: Any, units: tuple[str, ...], desc: str = "features"):
-    """(features, per-image means) of `units` on the network `variables`."""
+  def extract(self, variables: Any, units: tuple[str, ...], desc: str = "features",
+              images: np.ndarray | None = None):
+    """(features, per-image means) of `units` on the network `variables`, over the
+    defense images (those at indices `images` when given)."""
     from drr_jax.defenses.drr.inputs import extract_units
-    return extract_units(self.model, variables, self.images, units, dict(self.sites),
-                         desc=desc, **self.extract_options())
+    return extract_units(self.model, variables,
+                         self.images if images is None else self.images[images], units,
+                         dict(self.sites), desc=desc, **self.extract_options())
 
 
 def carries(cfg: DRRConfig, confirmer: Confirmer | None) -> bool:
