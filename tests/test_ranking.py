@@ -169,8 +169,9 @@ def test_flip_on_majority_judges_a_first_round_candidate_by_its_majority_class_i
 
 def test_collateral_is_measured_only_where_the_tail_passes_and_decisions_stay(monkeypatch):
   """The confirmation skips the collateral images of a candidate whose tail already
-  fails: the same directions and params as measuring every candidate, fewer images
-  predicted, and None where nothing was measured."""
+  fails, and the rest of a tail once its failure is certain: the same directions and
+  params as measuring every candidate, fewer images predicted, and None where nothing
+  was measured."""
   from drr_jax import inference
   from drr_jax.defenses.drr import confirmation
   images, v, _ = _case()
@@ -196,6 +197,9 @@ def test_collateral_is_measured_only_where_the_tail_passes_and_decisions_stay(mo
   skipped = [c for c in checks if c["collateral"] is None]
   assert skipped and all(c["tail_flip"] < cfg.get("min_tail_flip", 0.6) or
                          "residual" in c for c in skipped)
+  # ... and predicts a failing tail only until its failure is certain
+  early = [c for c in skipped if "tail_predicted" in c]
+  assert early and all(c["tail_predicted"] < round(c["tail_frac"] * 2000) for c in early)
   assert n_lazy < n_full, (n_lazy, n_full)
 
 
@@ -321,3 +325,32 @@ def test_contrast_is_the_unit_mean_difference_of_two_groups():
   np.testing.assert_allclose(candidates.contrast(x, a, b, 6),
                              np.array([2.0, -1.0, 0.0]) / np.sqrt(5))
   assert candidates.contrast(x, a, np.zeros(6, bool), 6) is None
+
+
+@pytest.mark.parametrize("flips, predicted", [(False, 256), (True, None)])
+def test_a_failing_tail_is_predicted_only_until_its_failure_is_certain(flips, predicted):
+  """A 300-image tail: half of it (rounded up to a bucket, 256) first; if none of those
+  flip, a 0.6 gate fails whatever the other 44 do, so they are not predicted."""
+  from drr_jax.defenses.drr import confirmation
+
+  class Fake(confirmation.Confirmer):
+    def __init__(self):
+      self.idx, self.batch, self.asked = np.arange(1000), 500, []
+      self.side = np.arange(1000)[:100]
+
+    def base(self, variables):
+      return np.zeros(1000, int)
+
+    def _changed(self, variables, trial, rows):
+      self.asked.append(len(rows))
+      return np.full(len(rows), flips)
+
+  c, tail = Fake(), np.zeros(1000, bool)
+  tail[:300] = True
+  out = c.check(None, None, tail, gate=lambda st: st["tail_flip"] >= 0.6)
+  if predicted is None:  # it passes: the whole tail (no side image is outside it)
+    assert c.asked == [256, 44]
+    assert out["tail_flip"] == 1.0 and "tail_predicted" not in out
+  else:
+    assert c.asked == [predicted] and out["tail_predicted"] == predicted
+    assert out["tail_flip"] == 0.0 and out["collateral"] is None

@@ -210,6 +210,26 @@ class Confirmer:
     flip, collateral, _ = self._flips(variables, trial, tail, rows)
     return {"residual": int(len(rows)), "tail_flip": flip, "collateral": collateral}
 
+  def _tail_changes(self, variables: Any, trial: Any, rows: np.ndarray,
+                    fails: Callable[[np.ndarray], bool] | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(changed, known) over images[rows]: whether the trial changes each prediction,
+    and which of them were predicted. Without `fails`, all of them. With it, half of
+    them first (rounded up to a `bucket`), then the rest only if `fails(changed, with
+    every unpredicted image counted as changed)` is False: a gate that fails even if
+    every image left would flip fails whatever they do."""
+    changed, known = np.ones(len(rows), bool), np.zeros(len(rows), bool)
+    first = (len(rows) if fails is None
+             else min(len(rows), bucket(-(-len(rows) // 2), self.batch)))
+    for part in (slice(0, first), slice(first, len(rows))):
+      if part.start >= len(rows):
+        break
+      changed[part] = self._changed(variables, trial, rows[part])
+      known[part] = True
+      if fails is not None and not known.all() and fails(changed):
+        break
+    return changed, known
+
   def check(self, variables: Any, trial: Any, tail: np.ndarray,
             original: np.ndarray | None = None,
             gate: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
@@ -221,23 +241,39 @@ class Confirmer:
     most that part). With `original` (the original network's predictions), also the
     residual statistics of `check_residual` from the same predictions: how many tail
     images the network still predicts as the original did, and the share of them the
-    trial changes. With `gate`, a test of the tail statistics alone: where it fails, the
-    candidate fails whatever its collateral, so the collateral images are not predicted
-    and 'collateral' and 'class_collateral' are None."""
+    trial changes.
+
+    With `gate`, a test of the tail statistics alone (it must not pass with fewer
+    flips where it fails with more): where it fails, the candidate fails whatever its
+    collateral, so the collateral images are not predicted ('collateral' and
+    'class_collateral' None), and the tail is predicted only until the failure is
+    certain (`_tail_changes`): the flips are then over the 'tail_predicted' images
+    predicted so far, which is at most what the whole tail would give. The decisions
+    are those of predicting everything (tests/test_ranking.py)."""
     tail = tail[self.idx]
     rows = np.flatnonzero(tail)
-    changed = self._changed(variables, trial, rows) if len(rows) else None
-    out: dict[str, Any] = {"tail_frac": float(len(rows) / len(self.idx)),
-                           "tail_flip": float(np.mean(changed)) if len(rows) else 0.0}
-    if len(rows):
-      base = self.base(variables)[rows]
-      major = base == np.bincount(base).argmax()
-      out["majority_share"] = float(np.mean(major))
-      out["majority_flip"] = float(np.mean(changed[major]))
-    if original is not None:
-      still = self.base(variables)[rows] == original[rows]
-      out["residual"] = int(still.sum())
-      out["residual_flip"] = float(np.mean(changed[still])) if still.any() else 0.0
+    base = self.base(variables)[rows]
+    major = base == np.bincount(base).argmax() if len(rows) else base.astype(bool)
+    still = None if original is None else base == original[rows]
+
+    def stats(changed: np.ndarray, known: np.ndarray) -> dict[str, Any]:
+      mean = lambda m: float(np.mean(changed[m & known])) if (m & known).any() else 0.0
+      out: dict[str, Any] = {"tail_frac": float(len(rows) / len(self.idx)),
+                             "tail_flip": mean(np.ones(len(rows), bool))}
+      if len(rows):
+        out["majority_share"] = float(np.mean(major))
+        out["majority_flip"] = mean(major)
+      if still is not None:
+        out["residual"] = int(still.sum())
+        out["residual_flip"] = mean(still)
+      return out
+
+    every = np.ones(len(rows), bool)
+    fails = None if gate is None else (lambda changed: not gate(stats(changed, every)))
+    changed, known = self._tail_changes(variables, trial, rows, fails)
+    out = stats(changed, known)
+    if not known.all():
+      out["tail_predicted"] = int(known.sum())
     if gate is not None and not gate(out):
       out.update(collateral=None, class_collateral=None)
       return out
