@@ -16,11 +16,18 @@ from typing import Sequence
 import numpy as np
 
 
-def skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float
-                ) -> tuple[np.ndarray, np.ndarray]:
+def centered(x: np.ndarray) -> np.ndarray:
+  """x less its column mean, in float64: what `skewed_tail` projects, computed once for
+  all of a unit's candidates (the same numbers as computing it for each)."""
+  return (x - x.mean(0)).astype(np.float64)
+
+
+def skewed_tail(x: np.ndarray, v: np.ndarray, n: int, tail_z: float,
+                xc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """v oriented so that its projections skew to the right, and the per-image mask of the
-  skewed tail (some row of the image with z-score > tail_z along v)."""
-  proj = (x - x.mean(0)) @ v
+  skewed tail (some row of the image with z-score > tail_z along v); xc: `centered(x)`
+  where the caller has it."""
+  proj = (centered(x) if xc is None else xc) @ v
   sign = np.sign(np.mean(proj ** 3)) or 1.0
   z = sign * proj / (proj.std() + 1e-12)
   return sign * v, z.reshape(n, -1).max(1) > tail_z
@@ -67,11 +74,12 @@ def orthonormal(v: np.ndarray, against: Sequence[np.ndarray]) -> np.ndarray | No
 
 
 def candidate(x: np.ndarray, column: np.ndarray, n: int, *, direction: str,
-              tail_z: float, against: Sequence[np.ndarray]
+              tail_z: float, against: Sequence[np.ndarray], xc: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray] | None:
   """(unit direction, per-image tail mask) of one optimized column of a layer's features
-  x (rows, C) over n images, or None when it yields no usable direction."""
-  v, tail = skewed_tail(x, column.astype(np.float64), n, float(tail_z))
+  x (rows, C) over n images, or None when it yields no usable direction; xc:
+  `centered(x)` where the caller has it."""
+  v, tail = skewed_tail(x, column.astype(np.float64), n, float(tail_z), xc)
   if direction == "tail_mean":
     v = tail_mean(x, tail, n)
     if v is None:

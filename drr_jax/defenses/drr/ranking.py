@@ -118,11 +118,12 @@ def landscape(run: Run, variables: Mapping[str, Any], unit: str, x: np.ndarray,
   images = None if later is None else later.images
   n = run.n if images is None else len(images)
   scored: list[Scored] = []
+  xc = candidates.centered(x) if np.any(values > run.cfg.tau) else None
   for j in np.argsort(-values):
     if not values[j] > run.cfg.tau:
       break
     found = candidates.candidate(x, frame[:, j], n, direction=run.cfg.direction,
-                                 tail_z=run.cfg.tail_z, against=prior)
+                                 tail_z=run.cfg.tail_z, against=prior, xc=xc)
     if found is None:
       continue
     v, tail = found
