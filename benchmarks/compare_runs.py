@@ -63,7 +63,7 @@ def main(argv=None) -> int:
       print(f"{cell}: no record in {args.records}")
       continue
     c = compare(json.loads(res.read_text()), json.loads(rec.read_text()))
-    pct = lambda t: "/".join(f"{100 * x:.2f}" for x in t)
+    pct = lambda t: "/".join("-" if x is None or x != x else f"{100 * x:.2f}" for x in t)
     rows.append(f"| `{cell}` | {len(c['units_default'])} / {len(c['units_run'])} | "
                 f"{'yes' if c['same_units'] else 'no'} | {c['cos']:.4f} | "
                 f"{pct(c['val_default'])} | {pct(c['val_run'])} | "

@@ -240,3 +240,25 @@ def test_record_costs_reads_each_timed_record_and_skips_the_rest(tmp_path, capsy
   assert "median DRR x floor 3.50" in out
   with pytest.raises(SystemExit):
     bench.main([str(tmp_path / "absent")])
+
+
+def test_compare_runs_tells_kept_units_directions_and_figures_apart(tmp_path, capsys):
+  compare_runs = _script("compare_runs")
+  v = [1.0, 0.0, 0.0]
+  w = [0.6, 0.8, 0.0]
+  layer = lambda name, dirs: {"layer": name, "kept": len(dirs), "directions": dirs}
+  record = lambda dirs, acc, asr: {
+      "drr": {"layers": [layer("a", dirs), layer("b", [])], "seconds": 10.0},
+      "after": {"val": {"acc": acc, "asr": asr}}}
+  (tmp_path / "records").mkdir()
+  (tmp_path / "records" / "same.json").write_text(json.dumps(record([v], 0.8, 0.02)))
+  (tmp_path / "records" / "moved.json").write_text(json.dumps(record([v], 0.8, 0.02)))
+  for name, dirs, asr in (("same", [v], 0.02), ("moved", [w], 0.05)):
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / name / "result.json").write_text(json.dumps(
+        {"drr": record(dirs, 0.8, asr)["drr"], "after": {"val": {"acc": 0.8, "asr": asr}}}))
+  compare_runs.main(["--runs", str(tmp_path / "runs"), "--records", str(tmp_path / "records")])
+  rows = {line.split("`")[1]: line for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| `")}
+  assert "| yes | 1.0000 | 80.00/2.00 | 80.00/2.00 |" in rows["same"]
+  assert "| yes | 0.6000 | 80.00/2.00 | 80.00/5.00 |" in rows["moved"]  # same unit, cos 0.6
