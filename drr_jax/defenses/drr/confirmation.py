@@ -32,6 +32,23 @@ def bucket(n: int, batch: int) -> int:
   return min(size, int(batch))
 
 
+def tail_stats(changed: np.ndarray, known: np.ndarray, share: float, major: np.ndarray,
+               still: np.ndarray | None) -> dict[str, Any]:
+  """A tail's statistics from whether the trial changed each tail image's prediction
+  (`changed`, read where `known`): its share of the confirmation images, the flip, the
+  share in the tail's majority class (`major`) and the flip there, and with `still`
+  (the tail images still predicted as the original network did) their count and flip."""
+  mean = lambda m: float(np.mean(changed[m & known])) if (m & known).any() else 0.0
+  out: dict[str, Any] = {"tail_frac": float(share), "tail_flip": mean(np.ones_like(known))}
+  if len(changed):
+    out["majority_share"] = float(np.mean(major))
+    out["majority_flip"] = mean(major)
+  if still is not None:
+    out["residual"] = int(still.sum())
+    out["residual_flip"] = mean(still)
+  return out
+
+
 class Confirmer:
   """Tests candidate directions on a fixed subset S of the defense set: does removing a
   direction change the predictions of (most of) the images in its skewed tail?
@@ -256,22 +273,12 @@ class Confirmer:
     major = base == np.bincount(base).argmax() if len(rows) else base.astype(bool)
     still = None if original is None else base == original[rows]
 
-    def stats(changed: np.ndarray, known: np.ndarray) -> dict[str, Any]:
-      mean = lambda m: float(np.mean(changed[m & known])) if (m & known).any() else 0.0
-      out: dict[str, Any] = {"tail_frac": float(len(rows) / len(self.idx)),
-                             "tail_flip": mean(np.ones(len(rows), bool))}
-      if len(rows):
-        out["majority_share"] = float(np.mean(major))
-        out["majority_flip"] = mean(major)
-      if still is not None:
-        out["residual"] = int(still.sum())
-        out["residual_flip"] = mean(still)
-      return out
-
+    share = len(rows) / len(self.idx)
     every = np.ones(len(rows), bool)
-    fails = None if gate is None else (lambda changed: not gate(stats(changed, every)))
+    fails = None if gate is None else (
+        lambda changed: not gate(tail_stats(changed, every, share, major, still)))
     changed, known = self._tail_changes(variables, trial, rows, fails)
-    out = stats(changed, known)
+    out = tail_stats(changed, known, share, major, still)
     if not known.all():
       out["tail_predicted"] = int(known.sum())
     if gate is not None and not gate(out):
