@@ -122,6 +122,31 @@ def same_config(stored: Any, config: dict[str, Any]) -> bool:
   return stored == config
 
 
+def reusable_paper(path: str | os.PathLike, config: dict[str, Any],
+                   history: Sequence[Any]) -> dict[str, Any] | None:
+  """The paper-DRR part of the record at path (its `paper` block, with the seconds it
+  took and the checkout and date it came from), when that record ran the same paper
+  settings on the same training (config and epoch history); else None. What a record
+  made for another `drr` section can lend to the new one: the paper mode reads none of
+  the `drr` settings."""
+  if not Path(path).is_file():
+    return None
+  rec, problem = read_record(path)
+  if problem:
+    return None
+  old = rec.get("config") or {}
+  if not same_config({k: old.get(k) for k in ("training", "paper")},
+                     {k: config[k] for k in ("training", "paper")}):
+    return None
+  if utils.jsonable(list(history)) != (rec.get("checkpoint") or {}).get("history"):
+    return None
+  paper, seconds = rec.get("paper"), (rec.get("times") or {}).get("paper_defense_seconds")
+  if not isinstance(paper, dict) or seconds is None:
+    return None
+  source = paper.get("reused_from") or {"git": rec.get("git"), "date": rec.get("date")}
+  return {**paper, "reused_from": source, "seconds": float(seconds)}
+
+
 def is_done(path: str | os.PathLike, config: dict[str, Any]) -> bool:
   """Whether the record at path is complete and was made with `config`."""
   return record_status(path, config) == "done"
@@ -206,10 +231,14 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
              ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
              overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
              progress: bool = True, git: dict[str, Any] | None = None,
-             export_root: str | os.PathLike | None = None) -> dict[str, Any]:
+             export_root: str | os.PathLike | None = None,
+             reuse_paper: bool = False) -> dict[str, Any]:
   """Runs one cell and writes its record; returns the record. `git` is the checkout state
   of the code that runs (default: taken now, before the cell starts). The model comes
-  from `train_cell` (a finished checkpoint is reused, an export preferred)."""
+  from `train_cell` (a finished checkpoint is reused, an export preferred). With
+  `reuse_paper`, the paper-DRR part of the cell's old record is kept when that record
+  ran the same paper settings on the same model (`reusable_paper`; the record says so
+  in `paper.reused_from`): a new DRR version is then reported without rerunning it."""
   t_cell = time.time()
   git = git if git is not None else utils.git_commit()
   cfg = experiment_config(cell, overrides)
@@ -252,13 +281,19 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
   after = metrics(model, defended, ds, trigger, acfg, bs, progress)
   del defended
 
-  t0 = time.time()
-  defended, paper_report = drr.defend(model, variables, ds.train.images,
-                                      config=cfg["paper"], progress=progress)
-  times["paper_defense_seconds"] = time.time() - t0
-  paper = {"after": metrics(model, defended, ds, trigger, acfg, bs, progress),
-           "drr": paper_report}
-  del defended
+  old_paper = (reusable_paper(record_path(results_dir, cell), cfg, meta["history"])
+               if reuse_paper else None)
+  if old_paper is not None:
+    times["paper_defense_seconds"] = old_paper.pop("seconds")
+    paper = old_paper
+  else:
+    t0 = time.time()
+    defended, paper_report = drr.defend(model, variables, ds.train.images,
+                                        config=cfg["paper"], progress=progress)
+    times["paper_defense_seconds"] = time.time() - t0
+    paper = {"after": metrics(model, defended, ds, trigger, acfg, bs, progress),
+             "drr": paper_report}
+    del defended
 
   result = None
   if cfg["analysis"] is not None:
@@ -308,11 +343,12 @@ def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
              ckpt_root: str | os.PathLike, results_dir: str | os.PathLike, *,
              overrides: Sequence[str] = (), cache_dir: str | os.PathLike | None = None,
              progress: bool = True, export_root: str | os.PathLike | None = None,
-             train_only: bool = False) -> dict[str, list[str]]:
+             train_only: bool = False, reuse_paper: bool = False
+             ) -> dict[str, list[str]]:
   """Runs every cell whose record is not done, in order; a failing cell is logged to
   `<results>/<cell_id>.error.txt` and the grid goes on. Returns the cell ids by outcome:
   {'skipped', 'done', 'failed'}. With `train_only`, each cell is only trained and
-  exported (`train_cell`), and no record is written."""
+  exported (`train_cell`), and no record is written; `reuse_paper`: see `run_cell`."""
   # The code this process runs is the checkout as it was now; later edits do not reach it.
   git = utils.git_commit()
   results_dir = Path(results_dir)
@@ -338,7 +374,8 @@ def run_grid(cells: Sequence[Cell], data_dir: str | os.PathLike | None,
                    progress=progress)
       else:
         run_cell(cell, data_dir, ckpt_root, results_dir, overrides=overrides,
-                 cache_dir=cache_dir, progress=progress, git=git, export_root=export_root)
+                 cache_dir=cache_dir, progress=progress, git=git, export_root=export_root,
+                 reuse_paper=reuse_paper)
     except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
       err_path.write_text(traceback.format_exc())
       tqdm.write(f"{cid}: FAILED ({type(e).__name__}: {e}); traceback in {err_path}")

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
                  "--ckpt_root")
   p.add_argument("--train_only", action="store_true",
                  help="only train (and export) the cells' models; write no records")
+  p.add_argument("--reuse_paper", action="store_true",
+                 help="keep the paper-DRR part of a cell's old record when it ran the same "
+                 "paper settings on the same model (to report a new DRR version without "
+                 "rerunning the paper mode; the record names where it came from)")
   p.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                  help="run only cells whose id contains this (repeatable: any of them)")
   p.add_argument("--methods", nargs="+", choices=comparison.BASELINES,
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
   else:
     outcome = experiment.run_grid(cells, data_dir, args.ckpt_root, results,
                                   overrides=args.set, export_root=export or None,
-                                  train_only=args.train_only)
+                                  train_only=args.train_only,
+                                  reuse_paper=args.reuse_paper)
   print(f"done {len(outcome['done'])}, already done {len(outcome['skipped'])}, "
         f"failed {len(outcome['failed'])} {outcome['failed']}")
   if outcome["failed"]:
@@ -73,6 +78,9 @@ def _check(args: argparse.Namespace):
       raise ValueError(f"no cell of grid {args.grid!r} matches --only {args.only}")
   if args.methods and args.train_only:
     raise ValueError("--methods and --train_only do not go together")
+  if args.reuse_paper and (args.methods or args.train_only):
+    raise ValueError("--reuse_paper goes with DRR records only (not --methods or "
+                     "--train_only)")
   for c in cells:  # a bad --set fails here, before hours of training
     if args.methods:
       comparison.check_overrides(args.set, args.methods)

@@ -295,6 +295,27 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   assert rec["paper"]["drr"]["config"]["confirm"] is False
   assert rec["paper"]["drr"]["config"]["k"] == 1
   assert set(rec["paper"]["after"]) == {"val", "test"}
+  # a new DRR version keeps the paper part of the old record (same paper settings, same
+  # model) with --reuse_paper, and reruns it when the paper settings differ
+  calls = []
+  real_defend = experiment.drr.defend
+  monkeypatch.setattr(experiment.drr, "defend", lambda *a, config, **k: (
+      calls.append(config.get("confirm")), real_defend(*a, config=config, **k))[1])
+  new = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2", tmp_path / "results",
+                            overrides=[*FAST_DRR, *FAST_PAPER, "drr.tau=3.0"],
+                            progress=False, export_root=export, reuse_paper=True)
+  assert calls == [True]  # the project's DRR only
+  assert new["paper"]["reused_from"] == {"git": rec["git"], "date": rec["date"]}
+  assert new["paper"]["after"] == rec["paper"]["after"]
+  assert new["times"]["paper_defense_seconds"] == rec["times"]["paper_defense_seconds"]
+  assert new["config"]["drr"]["tau"] == 3.0
+  calls.clear()
+  other = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2",
+                              tmp_path / "results",
+                              overrides=[*FAST_DRR, *FAST_PAPER, "paper.tau=3.0"],
+                              progress=False, export_root=export, reuse_paper=True)
+  assert calls == [True, False] and "reused_from" not in other["paper"]
+  monkeypatch.setattr(experiment.drr, "defend", real_defend)
   # the zoo report: one row per model, the paper's DRR beside the project's, the controls
   experiment.run_cell(cells[1], data_dir, tmp_path / "ckpt2", tmp_path / "results",
                       overrides=[*FAST_DRR, *FAST_PAPER], progress=False,

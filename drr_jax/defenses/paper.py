@@ -43,6 +43,7 @@ PAPER = {
     "confirm": False,
     "tail_overlap": None,
     "carry": False,
+    "later_samples": None,  # no later rankings in this mode; every image, as the paper
 }
 
 

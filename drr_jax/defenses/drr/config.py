@@ -77,10 +77,11 @@ class DRRConfig:
   ranked_rounds: int = 8      # ranked: rankings, each on the network as the last one
                               # left it, while the last one kept something (at most
                               # this many: a bound on time, not reached on zoo-dev)
-  later_samples: int | None = None  # ranked: images that the rankings after the first
+  later_samples: int | None = 10000  # ranked: images that the rankings after the first
                               # read (a fixed random subset holding the confirmation
                               # images, seeded by `seed`); they look for what the first
                               # removals left, on those images. None: every image
+                              # (version 6; docs/design.md "Reading fewer images")
   residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
                               # at every unit, the mean difference of the residual tail
                               # (removed-tail images still predicted as the original
