@@ -106,6 +106,8 @@ def test_bad_baseline_settings_fail_before_any_work(tmp_path):
     launch_experiment.main(base + ["--set", "clp.nope=2"])
   with pytest.raises(SystemExit, match="do not go together"):
     launch_experiment.main(base + ["--train_only"])
+  with pytest.raises(SystemExit, match="--reuse_paper goes with DRR records only"):
+    launch_experiment.main(base + ["--reuse_paper"])
   with pytest.raises(ValueError, match="unknown baseline"):
     comparison.baseline_config(grid.get_grid("tiny")[0], "drr")
   assert not (tmp_path / "r").exists()
