@@ -27,7 +27,7 @@ from drr_jax import (analysis, attacks, checkpoint, configs, data, datasets, eva
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
 from drr_jax.defenses.paper import paper_config
-from drr_jax.defenses.drr.config import with_added_settings
+from drr_jax.defenses.drr.config import settings_read, with_added_settings
 from drr_jax.grid import Cell, cell_config, cell_id
 
 SCHEMA = 1
@@ -126,17 +126,19 @@ def reusable_paper(path: str | os.PathLike, config: dict[str, Any],
                    history: Sequence[Any]) -> dict[str, Any] | None:
   """The paper-DRR part of the record at path (its `paper` block, with the seconds it
   took and the checkout and date it came from), when that record ran the same paper
-  settings on the same training (config and epoch history); else None. What a record
-  made for another `drr` section can lend to the new one: the paper mode reads none of
-  the `drr` settings."""
+  settings on the same training (config and epoch history); else None. Settings that
+  the paper's mode does not read (`settings_read`: those of the ranked mode, some added
+  after the record) do not count. What a record made for another `drr` section can
+  lend to the new one: the paper mode reads none of the `drr` settings."""
   if not Path(path).is_file():
     return None
   rec, problem = read_record(path)
   if problem:
     return None
   old = rec.get("config") or {}
-  if not same_config({k: old.get(k) for k in ("training", "paper")},
-                     {k: config[k] for k in ("training", "paper")}):
+  if old.get("training") != config["training"] or not isinstance(old.get("paper"), dict):
+    return None
+  if settings_read(old["paper"]) != settings_read(config["paper"]):
     return None
   if utils.jsonable(list(history)) != (rec.get("checkpoint") or {}).get("history"):
     return None

@@ -108,3 +108,20 @@ def test_command_line_values_are_read_without_quoting(raw, value):
   from drr_jax import configs
   got = configs.override(default_config(), [f"layers={raw}"])["layers"]
   assert got == value and type(got) is type(value)
+
+
+def test_settings_read_drop_what_the_mode_does_not_read():
+  """A paper-mode record made before a ranked-only setting existed reads as the same
+  run; in mode 'ranked' every setting counts."""
+  from drr_jax.defenses.drr.config import RANKED_ONLY, settings_read
+  from drr_jax.defenses.paper import paper_config
+  from drr_jax.defenses import drr
+  paper = {**drr.default_config(), **paper_config()}
+  old = {k: v for k, v in paper.items() if k not in ("ranked_rounds", "later_samples")}
+  assert settings_read(old) == settings_read(paper)
+  assert settings_read({**paper, "ranked_rounds": 3}) == settings_read(paper)
+  assert settings_read({**paper, "tau": 3.0}) != settings_read(paper)
+  ranked = drr.default_config()
+  assert ranked["mode"] == "ranked"
+  assert settings_read({**ranked, "ranked_rounds": 3}) != settings_read(ranked)
+  assert set(RANKED_ONLY) <= set(settings_read(ranked))

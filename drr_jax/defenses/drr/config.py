@@ -166,6 +166,20 @@ ADDED_LATER = {"flip_on": "tail", "min_implant": None, "search_samples": None,
                "later_samples": None}
 
 
+# Settings that only mode 'ranked' reads (loop.ranked, ranking.py, Run.later_images):
+# another mode runs the same whatever their values.
+RANKED_ONLY = ("ranked_rounds", "later_samples", "residual_tail", "flip_on", "min_implant")
+
+
+def settings_read(settings: Mapping[str, Any]) -> dict[str, Any]:
+  """Stored or given settings less those that their mode does not read (RANKED_ONLY
+  outside mode 'ranked'): two runs whose `settings_read` are equal decide alike."""
+  settings = with_added_settings(settings)
+  if settings.get("mode") == "ranked":
+    return settings
+  return {k: v for k, v in settings.items() if k not in RANKED_ONLY}
+
+
 def with_added_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
   """Stored settings (a record's `config`), with the ADDED_LATER settings that they
   predate at the values that reproduce the code they were made with."""
