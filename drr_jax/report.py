@@ -101,9 +101,16 @@ def provenance(records: Sequence[dict[str, Any]]) -> list[str]:
   machines = sorted({r["machine"] for r in records})
   commits = sorted({_commit(r) for r in records})
   when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-  return [(f"{len(records)} record(s), run {when} (UTC) on {'; '.join(machines)}; "
-           f"code {', '.join(commits)}."),
-          f"Data: {CAVEAT}"]
+  lines = [(f"{len(records)} record(s), run {when} (UTC) on {'; '.join(machines)}; "
+            f"code {', '.join(commits)}.")]
+  reused = [r for r in records if isinstance(r.get("paper"), dict)
+            and isinstance(r["paper"].get("reused_from"), dict)]
+  if reused:
+    sources = sorted({_commit(r["paper"]["reused_from"]) for r in reused})
+    lines.append(f"The paper-DRR figures of {len(reused)} record(s) come from an earlier "
+                 f"run of the same paper settings on the same model (`--reuse_paper`; "
+                 f"code {', '.join(sources)}).")
+  return lines + [f"Data: {CAVEAT}"]
 
 
 def table1(records: Sequence[dict[str, Any]], ratio: float) -> str:

@@ -336,3 +336,14 @@ def test_the_report_names_the_new_attacks():
       "Clean-label (CLA), target 2, 8 % of the set")
   assert text(name="sig", poison_ratio=0.08) == "SIG, target 0, 8 % of the set"
   assert text(name="wanet", poison_ratio=0.1) == "WaNet k 4 s 0.5, target 0, 10 % per batch"
+
+
+def test_the_report_says_which_paper_figures_were_reused():
+  rec = {"date": "2026-12-07T00:00:00+00:00", "machine": "m",
+         "git": {"commit": "a" * 40, "dirty": False}, "paper": {"after": {}}}
+  assert not any("--reuse_paper" in line for line in report.provenance([rec]))
+  reused = {**rec, "paper": {"after": {}, "reused_from": {
+      "git": {"commit": "b" * 40, "dirty": False}, "date": "2026-12-06T00:00:00+00:00"}}}
+  lines = report.provenance([rec, reused])
+  assert any("1 record(s) come from an earlier run" in line and "bbbbbbbbbb" in line
+             for line in lines), lines
