@@ -123,10 +123,12 @@ def same_config(stored: Any, config: dict[str, Any]) -> bool:
 
 
 def reusable_paper(path: str | os.PathLike, config: dict[str, Any],
-                   history: Sequence[Any]) -> dict[str, Any] | None:
+                   history: Sequence[Any], train_sha256: str
+                   ) -> dict[str, Any] | None:
   """The paper-DRR part of the record at path (its `paper` block, with the seconds it
   took and the checkout and date it came from), when that record ran the same paper
-  settings on the same training (config and epoch history); else None. Settings that
+  settings on the same training (config and epoch history) and data (the training
+  zip's sha256); else None. Settings that
   the paper's mode does not read (`settings_read`: those of the ranked mode, some added
   after the record) do not count. What a record made for another `drr` section can
   lend to the new one: the paper mode reads none of the `drr` settings."""
@@ -141,6 +143,8 @@ def reusable_paper(path: str | os.PathLike, config: dict[str, Any],
   if settings_read(old["paper"]) != settings_read(config["paper"]):
     return None
   if utils.jsonable(list(history)) != (rec.get("checkpoint") or {}).get("history"):
+    return None
+  if (rec.get("data") or {}).get("train_zip_sha256") != train_sha256:
     return None
   paper, seconds = rec.get("paper"), (rec.get("times") or {}).get("paper_defense_seconds")
   if not isinstance(paper, dict) or seconds is None:
@@ -283,8 +287,9 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
   after = metrics(model, defended, ds, trigger, acfg, bs, progress)
   del defended
 
-  old_paper = (reusable_paper(record_path(results_dir, cell), cfg, meta["history"])
-               if reuse_paper else None)
+  train_sha256 = data.file_sha256(data.resolve_data_dir(data_dir) / "cifar10-train.zip")
+  old_paper = (reusable_paper(record_path(results_dir, cell), cfg, meta["history"],
+                              train_sha256) if reuse_paper else None)
   if old_paper is not None:
     times["paper_defense_seconds"] = old_paper.pop("seconds")
     paper = old_paper
@@ -308,8 +313,7 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
       "config": cfg, "seed": cell.seed,
       "data": {"num_train": len(ds.train.labels), "num_poisoned": len(ds.train.poison_idx),
                "num_val": len(ds.val.labels), "num_test": len(ds.test.labels),
-               "train_zip_sha256": data.file_sha256(
-                   data.resolve_data_dir(data_dir) / "cifar10-train.zip")},
+               "train_zip_sha256": train_sha256},
       "checkpoint": {"dir": str(workdir), "reused": reused,
                      "epochs": len(meta["history"]), "history": meta["history"]},
       "before": before, "after": after, "drr": report, "paper": paper, "analysis": result,

@@ -309,6 +309,12 @@ def test_zoo_cells_train_export_and_record_both_defenses(tmp_path, monkeypatch):
   assert new["paper"]["after"] == rec["paper"]["after"]
   assert new["times"]["paper_defense_seconds"] == rec["times"]["paper_defense_seconds"]
   assert new["config"]["drr"]["tau"] == 3.0
+  path = experiment.record_path(tmp_path / "results", cells[0])
+  history, sha = new["checkpoint"]["history"], new["data"]["train_zip_sha256"]
+  assert experiment.reusable_paper(path, new["config"], history, sha) is not None
+  assert experiment.reusable_paper(path, new["config"], history, "0" * 64) is None
+  assert experiment.reusable_paper(path, new["config"], history[:-1] + [
+      {**history[-1], "train_loss": -1.0}], sha) is None  # another training run
   calls.clear()
   other = experiment.run_cell(cells[0], data_dir, tmp_path / "ckpt2",
                               tmp_path / "results",
