@@ -128,12 +128,10 @@ def reusable_paper(path: str | os.PathLike, config: dict[str, Any],
   """The paper-DRR part of the record at path (its `paper` block, with the seconds it
   took and the checkout and date it came from), when that record ran the same paper
   settings on the same training (config and epoch history) and data (the training
-  zip's sha256); else None. Settings that
-  the paper's mode does not read (`settings_read`: those of the ranked mode, some added
-  after the record) do not count. What a record made for another `drr` section can
-  lend to the new one: the paper mode reads none of the `drr` settings."""
-  if not Path(path).is_file():
-    return None
+  zip's sha256); else None (also when absent or unreadable). Settings that the paper's
+  mode does not read (`settings_read`: those of the ranked mode, some added after the
+  record) do not count. What a record made for another `drr` section can lend to the
+  new one: the paper mode reads none of the `drr` settings."""
   rec, problem = read_record(path)
   if problem:
     return None
