@@ -210,6 +210,12 @@ def test_grids_name_the_issue_cells():
   with pytest.raises(ValueError, match="unknown grid"):
     grid.get_grid("huge")
   new = grid.get_grid("new-attacks")  # issue 14: three models x CLA, SIG, WaNet, IAB
+  longer = [c for c in new if c.epochs != grid._EPOCHS[c.model]]
+  new = [c for c in new if c not in longer]
+  # a longer schedule repeats a cell (model, attack, ratio, seed) with more epochs
+  assert [grid.cell_id(c) for c in longer] == ["new-r18-wanet-p10-e20"]
+  assert all(any(c._replace(epochs=None, name=None) == n._replace(epochs=None, name=None)
+                 and c.epochs > n.epochs for n in new) for c in longer)
   assert {(c.model, c.attack, c.poison_ratio) for c in new} == {
       (m, a, r) for m in ("resnet18", "preact_resnet18", "wrn28_1")
       for a, r in (("cla", 0.08), ("sig", 0.08), ("wanet", 0.10), ("iab", 0.10))}
