@@ -54,6 +54,16 @@ _EPOCHS = {"resnet18": 8, "preact_resnet18": 8, "vgg11": 8, "wrn28_1": 5,
            "mobilenet_v2": 5, "densenet121": 4}
 
 
+def longer_schedule(cell: dict[str, Any] | Cell) -> int | None:
+  """A zoo or new-attacks cell's epochs where it trains longer than its architecture's
+  zoo schedule (a variant such as `dev-vgg-a2a3-br-p10-e20`), else None; takes a Cell or
+  a record's 'cell' dict."""
+  c = cell._asdict() if isinstance(cell, Cell) else cell
+  standard, epochs = _EPOCHS.get(c["model"]), c.get("epochs")
+  return int(epochs) if standard is not None and epochs is not None and (
+      int(epochs) > standard) else None
+
+
 def _z(name, model, width, attack, ratio, seed, **kw) -> Cell:
   return _zoo(name, model, width, _EPOCHS[model], attack, ratio, seed, **kw)
 

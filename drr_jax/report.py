@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from drr_jax import comparison, utils
+from drr_jax import comparison, grid, utils
 from drr_jax.experiment import read_record
 
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
@@ -579,7 +579,9 @@ def paper_layout(records: Sequence[dict[str, Any]],
   """The paper's Tables 1-2 layout for the records of `attacks`: per model, a row per
   attack and an average; then the average over all; ACC and ASR (%) of the backdoored
   model and of every method run; among the methods, the best in bold and the second
-  best underlined, as the paper marks them."""
+  best underlined, as the paper marks them. A cell trained longer than its zoo schedule
+  gets its own row, labelled with its epochs, and stays out of the averages (they are
+  over the paper's cells, one per model and attack)."""
   recs = [r for r in records if r["cell"]["attack"] in attacks]
   methods = _methods(baselines)
   head = ["Model", "Attack", "Backdoored ACC", "Backdoored ASR"]
@@ -608,16 +610,23 @@ def paper_layout(records: Sequence[dict[str, Any]],
   by_model: dict[tuple, list] = defaultdict(list)
   for r in recs:
     by_model[model_key(r)].append(r)
+  def label(r):
+    name = ATTACK_NAMES.get(r["cell"]["attack"], r["cell"]["attack"])
+    longer = grid.longer_schedule(r["cell"])
+    return name if longer is None else f"{name} ({longer} epochs)"
+
+  standard = lambda group: [r for r in group if grid.longer_schedule(r["cell"]) is None]
   for key in sorted(by_model):
-    group = sorted(by_model[key], key=attack_key)
+    group = sorted(by_model[key], key=lambda r: (grid.longer_schedule(r["cell"]) or 0,
+                                                 attack_key(r)))
     for i, r in enumerate(group):
       res = {m: _method_result(r, baselines, m, split)[0] for m in methods}
-      lines.append(row(model_label(key) if i == 0 else "", ATTACK_NAMES.get(
-          r["cell"]["attack"], r["cell"]["attack"]), r["before"][split], res))
-    if len(group) > 1:
-      lines.append(row("", "*Average*", *average(group)))
+      lines.append(row(model_label(key) if i == 0 else "", label(r), r["before"][split],
+                       res))
+    if len(standard(group)) > 1:
+      lines.append(row("", "*Average*", *average(standard(group))))
   if len(by_model) > 1:
-    lines.append(row("**Average**", "", *average(recs)))
+    lines.append(row("**Average**", "", *average(standard(recs))))
   return "\n".join(lines)
 
 

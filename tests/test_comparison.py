@@ -187,6 +187,24 @@ def test_the_paper_layout_groups_models_marks_best_and_second_and_averages():
   assert "## The paper's Table 2 layout (attacks that control training), test set" in md
 
 
+def test_the_paper_layout_labels_a_longer_schedule_and_keeps_it_out_of_the_averages():
+  from drr_jax import grid
+  short = _new("r-wanet", "resnet18", "wanet", (0.76, 0.60), (0.76, 0.60), (0.74, 0.50))
+  longer = _new("r-wanet-e20", "resnet18", "wanet", (0.84, 0.98), (0.83, 0.02),
+                (0.80, 0.10))
+  iab = _new("r-iab", "resnet18", "iab", (0.80, 0.70), (0.80, 0.10), (0.78, 0.30))
+  short["cell"]["epochs"], iab["cell"]["epochs"] = 8, 8
+  longer["cell"]["epochs"] = 20
+  assert grid.longer_schedule(longer["cell"]) == 20
+  assert grid.longer_schedule(short["cell"]) is None
+  assert grid.longer_schedule(grid.get_grid("new-attacks")[-1]) == 20
+  lines = report.paper_layout([longer, short, iab], {}, ("wanet", "iab")).splitlines()
+  assert [line.split(" | ")[1] for line in lines[2:]] == [
+      "WaNet", "Input-aware (IAB)", "WaNet (20 epochs)", "*Average*"]
+  # the average is over the two 8-epoch cells only: (76 + 80) / 2, (60 + 70) / 2
+  assert lines[5].startswith("|  | *Average* | 78.00 | 65.00 |")
+
+
 def test_misses_name_the_bar_each_model_misses_with_its_per_layer_report():
   recs = [_new("ho-a", "resnet18", "badnets", (0.80, 1.0), (0.79, 0.02), (0.7, 0.0)),
           _new("ho-b", "resnet18", "badnets", (0.80, 1.0), (0.78, 0.02), (0.7, 0.0)),
