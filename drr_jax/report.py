@@ -682,21 +682,102 @@ def comparison_markdown(records: Sequence[dict[str, Any]],
   return "\n".join(out) + "\n"
 
 
+# Issue 13's bar for re-running a grid with new defaults: no cell worse than the earlier
+# version by more than 0.5 ACC points or 1 ASR point (fractions).
+RERUN_BAR = (0.005, 0.01)
+
+
+def _same_figures(a: dict[str, Any], b: dict[str, Any]) -> bool:
+  return all((a[k] is None and b[k] is None) or
+             (a[k] is not None and b[k] is not None and abs(a[k] - b[k]) < 5e-5)
+             for k in ("acc", "asr"))
+
+
+def _same_model(new: dict[str, Any], old: dict[str, Any]) -> bool:
+  """Whether two records defended the same backdoored model: equal training histories
+  (per-epoch loss) and equal backdoored test ACC / ASR."""
+  def losses(r):
+    return [round(h.get("train_loss", float("nan")), 6)
+            for h in (r.get("checkpoint") or {}).get("history") or []]
+  return (losses(new) == losses(old)
+          and _same_figures(new["before"]["test"], old["before"]["test"]))
+
+
+def versus_table(new: Sequence[dict[str, Any]], old: Sequence[dict[str, Any]],
+                 bar: tuple[float, float] = RERUN_BAR) -> tuple[str, list[str]]:
+  """A re-run grid against its earlier version, per cell in both: backdoored and DRR test
+  ACC / ASR then and now, the change, and whether the new DRR is within `bar` (ACC lost,
+  ASR gained) of the earlier one. Returns the markdown and the ids of the cells that miss.
+  A cell whose backdoored model differs (retrained to other weights) is marked, since its
+  change then mixes the model's with the defense's."""
+  max_loss, max_gain = bar
+  by_old = {r["cell_id"]: r for r in old}
+  rows = ["| cell | backdoored then | backdoored now | same model | DRR then | DRR now | "
+          "ACC change | ASR change | within bar |", "|---|---|---|---|---|---|---|---|---|"]
+  missed = []
+  for r in sorted(new, key=lambda r: r["cell_id"]):
+    o = by_old.get(r["cell_id"])
+    if o is None:
+      continue
+    bn, bo = r["before"]["test"], o["before"]["test"]
+    an, ao = r["after"]["test"], o["after"]["test"]
+    d_acc = an["acc"] - ao["acc"]
+    d_asr = (an["asr"] - ao["asr"]) if an["asr"] is not None and ao["asr"] is not None \
+        else None
+    ok = d_acc >= -max_loss - 5e-5 and (d_asr is None or d_asr <= max_gain + 5e-5)
+    if not ok:
+      missed.append(r["cell_id"])
+    rows.append(f"| `{r['cell_id']}` | {_pct(bo['acc'])} / {_pct(bo['asr'])} | "
+                f"{_pct(bn['acc'])} / {_pct(bn['asr'])} | "
+                f"{'yes' if _same_model(r, o) else 'no'} | {_pct(ao['acc'])} / "
+                f"{_pct(ao['asr'])} | {_pct(an['acc'])} / {_pct(an['asr'])} | "
+                f"{100 * d_acc:+.2f} | "
+                + (f"{100 * d_asr:+.2f}" if d_asr is not None else "–")
+                + f" | {'yes' if ok else '**no**'} |")
+  only_old = sorted(set(by_old) - {r["cell_id"] for r in new})
+  out = [f"Test set, in %. Bar: DRR now loses at most {100 * max_loss:g} ACC points and "
+         f"gains at most {100 * max_gain:g} ASR points against then.", "", *rows, ""]
+  n = len(rows) - 2
+  out.append(f"{n} cell(s) compared, {n - len(missed)} within the bar"
+             + (f"; missed: {', '.join(f'`{c}`' for c in missed)}" if missed else "") + ".")
+  if only_old:
+    out.append(f"Not re-run yet: {', '.join(f'`{c}`' for c in only_old)}.")
+  return "\n".join(out) + "\n", missed
+
+
+def versus_markdown(new: Sequence[dict[str, Any]], old: Sequence[dict[str, Any]],
+                    title: str) -> str:
+  """versus.md: a re-run's records against the earlier version's (versus_table), with
+  the provenance of both."""
+  table, _ = versus_table(new, old)
+  return "\n".join([f"# {title}", "", "Now:", "", *provenance(new), "", "Then:", "",
+                    *provenance(old), "", table])
+
+
 def _write_text(path: Path, text: str) -> None:
   with utils.atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")
 
 
-def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None
+def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 against: str | os.PathLike | None = None
                  ) -> tuple[dict[str, Path], list[str]]:
   """Writes table.md and both figures for the records in results_dir (to out_dir, by
-  default the same folder); returns their paths and the warnings about skipped files."""
+  default the same folder), and versus.md when `against` names an earlier version's
+  records; returns their paths and the warnings about skipped files."""
   records, warnings = load_records(results_dir)
   if not records:
     raise ValueError(f"no usable record in {results_dir}" +
                      (": " + "; ".join(warnings) if warnings else ""))
   baselines, more = comparison.load_records(results_dir)
   warnings += more
+  earlier: list[dict[str, Any]] = []
+  if against is not None:  # checked before anything is written
+    earlier, more = load_records(against)
+    if not earlier:
+      raise ValueError(f"no usable record in {against} to compare with" +
+                       (": " + "; ".join(more) if more else ""))
+    warnings += more
   out = Path(out_dir if out_dir is not None else results_dir)
   out.mkdir(parents=True, exist_ok=True)
   if all(r.get("analysis") is None for r in records):  # the zoo: no per-layer analysis
@@ -713,4 +794,8 @@ def write_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
   if baselines:
     paths["comparison"] = out / "comparison.md"
     _write_text(paths["comparison"], comparison_markdown(records, baselines))
+  if against is not None:
+    paths["versus"] = out / "versus.md"
+    _write_text(paths["versus"], versus_markdown(
+        records, earlier, f"{results_dir} against the earlier version in {against}"))
   return paths, warnings

@@ -4,6 +4,7 @@ failures logged, and the table's bold, 'better than DRR', budgets and clean cont
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,40 @@ def test_misses_name_the_bar_each_model_misses_with_its_per_layer_report():
   text = "\n".join(report.misses_markdown(recs))
   assert "### `ho-d`: ASR 16.00 % (bar 5)" in text and "```" in text
   assert "### `ho-a`" not in text and "### `new-c`" not in text
+
+
+def test_a_rerun_is_checked_cell_by_cell_against_the_earlier_version():
+  def rec(cid, before, drr, losses):
+    r = _new(cid, "resnet18", "badnets", before, drr, (0.7, 0.0))
+    r["checkpoint"] = {"history": [{"epoch": i + 1, "train_loss": v}
+                                   for i, v in enumerate(losses)]}
+    return r
+  old = [rec("a", (0.83, 1.0), (0.827, 0.026), [1.77, 1.37]),
+         rec("b", (0.82, 0.8), (0.824, 0.024), [1.8, 1.4]),
+         rec("c", (0.83, 1.0), (0.819, 0.037), [1.7, 1.3]),
+         rec("d", (0.83, 1.0), (0.82, 0.03), [1.7, 1.3])]
+  new = [rec("a", (0.83, 1.0), (0.822, 0.036), [1.77, 1.37]),   # -0.5 / +1.0: on the bar
+         rec("b", (0.82, 0.8), (0.818, 0.01), [1.8, 1.4]),      # -0.6 ACC: misses
+         rec("c", (0.84, 1.0), (0.83, 0.048), [1.6, 1.2])]      # +1.1 ASR, other model
+  table, missed = report.versus_table(new, old)
+  assert missed == ["b", "c"]
+  rows = {line.split(" | ")[0][3:-1]: line for line in table.splitlines()
+          if line.startswith("| `")}
+  assert rows["a"].endswith("| yes | 82.70 / 2.60 | 82.20 / 3.60 | -0.50 | +1.00 | yes |")
+  assert rows["b"].endswith("| -0.60 | -1.40 | **no** |")
+  assert " | no | " in rows["c"] and rows["c"].endswith("| +1.10 | **no** |")
+  assert "Not re-run yet: `d`." in table
+  assert "3 cell(s) compared, 1 within the bar; missed: `b`, `c`." in table
+
+
+def test_report_against_a_folder_without_records_fails_before_writing(tmp_path):
+  results = Path(__file__).resolve().parents[1] / "results" / "zoo-heldout"
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "x.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"no usable record in .*old to compare with: "
+                     r"x.json: skipped"):
+    report.write_report(results, tmp_path / "out", against=tmp_path / "old")
+  assert not (tmp_path / "out").exists()
+  paths, _ = report.write_report(results, tmp_path / "out", against=results)
+  text = paths["versus"].read_text()
+  assert "9 cell(s) compared, 9 within the bar." in text and "| yes | 68.32 / 11.24 |" in text
