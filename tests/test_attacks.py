@@ -139,3 +139,31 @@ def test_a_checkpoint_config_written_before_an_attack_setting_existed_still_matc
   moved = copy.deepcopy(old)
   moved["seed"] += 1
   assert not same_training_config(moved, wanted)
+
+
+def test_a_checkpoint_from_before_patch_positions_reads_as_the_default_patch():
+  """The committed WRN-28-1 checkpoints predate the patch/blend settings (2026-12-03):
+  their configs lack the keys, made the default triggers, and must match the `cpu` grid's
+  cells; a config that names another patch or blend must not."""
+  import copy
+
+  from drr_jax import grid
+  from drr_jax.attacks import badnets, blended, same_training_config
+  for cell in grid.get_grid("cpu"):
+    wanted = grid.cell_config(cell)
+    old = copy.deepcopy(wanted)
+    for key in ("position", "pattern", "blend_pattern"):
+      del old["attack"][key]
+    assert same_training_config(old, wanted), cell
+    for key, value in (("position", "tl"), ("pattern", "white"), ("blend_pattern", "smooth")):
+      other = copy.deepcopy(old)
+      other["attack"][key] = value
+      assert not same_training_config(other, wanted), (cell, key)
+  # and those defaults are the triggers the old code made: its 3x3 random patch at the
+  # bottom-right from the attack seed, and its uniform noise image
+  rng = np.random.default_rng(0)
+  t = badnets.make_trigger(0, {})
+  assert (t.pattern[29:, 29:] == 255 * rng.integers(0, 2, (3, 3, 3))).all()
+  assert t.mask[29:, 29:].all() and t.mask.sum() == 27
+  b = blended.make_trigger(0, {})
+  assert (b.pattern == np.random.default_rng(0).integers(0, 256, (32, 32, 3))).all()

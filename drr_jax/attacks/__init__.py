@@ -43,18 +43,25 @@ def default_settings(name: str, preset: str) -> dict[str, Any]:
   return {}
 
 
+# Trigger settings every training config gained on 2026-12-03 (106ccf3), at the values
+# that reproduce the single BadNets patch and Blended pattern of the code before them.
+ADDED_2026_12_03 = {"position": "br", "pattern": "random", "blend_pattern": "noise"}
+
+
 def same_training_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
   """Whether a training config read back from a checkpoint is `wanted`. An attack setting
-  that `default_settings` added to configs after the checkpoint was written (SIG's and
-  CLA's on 2026-12-06) is absent from it; those runs used the default, so an absent key
-  reads as its default. Any other difference is a different config."""
+  added to configs after the checkpoint was written (the patch's and blend's on
+  2026-12-03, `ADDED_2026_12_03`; SIG's and CLA's `default_settings` on 2026-12-06) is
+  absent from it; those runs used the default, so an absent key reads as its default.
+  Any other difference is a different config."""
   if stored == wanted:
     return True
 
   def filled(cfg: dict[str, Any]) -> dict[str, Any]:
     attack = dict(cfg.get("attack", {}))
-    for key, value in default_settings(str(attack.get("name", "none")),
-                                       str(cfg.get("preset", "cpu"))).items():
+    added = {**ADDED_2026_12_03, **default_settings(str(attack.get("name", "none")),
+                                                    str(cfg.get("preset", "cpu")))}
+    for key, value in added.items():
       attack.setdefault(key, value)
     return {**cfg, "attack": attack}
   return filled(stored) == filled(wanted)
