@@ -713,7 +713,8 @@ def versus_table(new: Sequence[dict[str, Any]], old: Sequence[dict[str, Any]],
   max_loss, max_gain = bar
   by_old = {r["cell_id"]: r for r in old}
   rows = ["| cell | backdoored then | backdoored now | same model | DRR then | DRR now | "
-          "ACC change | ASR change | within bar |", "|---|---|---|---|---|---|---|---|---|"]
+          "ACC change | ASR change | within bar | DRR's ACC drop then / now |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
   missed = []
   for r in sorted(new, key=lambda r: r["cell_id"]):
     o = by_old.get(r["cell_id"])
@@ -733,10 +734,14 @@ def versus_table(new: Sequence[dict[str, Any]], old: Sequence[dict[str, Any]],
                 f"{_pct(ao['asr'])} | {_pct(an['acc'])} / {_pct(an['asr'])} | "
                 f"{100 * d_acc:+.2f} | "
                 + (f"{100 * d_asr:+.2f}" if d_asr is not None else "–")
-                + f" | {'yes' if ok else '**no**'} |")
+                + f" | {'yes' if ok else '**no**'} | {100 * (bo['acc'] - ao['acc']):.2f} / "
+                f"{100 * (bn['acc'] - an['acc']):.2f} |")
   only_old = sorted(set(by_old) - {r["cell_id"] for r in new})
   out = [f"Test set, in %. Bar: DRR now loses at most {100 * max_loss:g} ACC points and "
-         f"gains at most {100 * max_gain:g} ASR points against then.", "", *rows, ""]
+         f"gains at most {100 * max_gain:g} ASR points against then. Where the model is "
+         "not the same (retrained to other weights), the change mixes the retraining's "
+         "with the defense's; the last column separates them: the ACC each DRR took from "
+         "its own backdoored model.", "", *rows, ""]
   n = len(rows) - 2
   out.append(f"{n} cell(s) compared, {n - len(missed)} within the bar"
              + (f"; missed: {', '.join(f'`{c}`' for c in missed)}" if missed else "") + ".")

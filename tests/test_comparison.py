@@ -239,9 +239,10 @@ def test_a_rerun_is_checked_cell_by_cell_against_the_earlier_version():
   assert missed == ["b", "c"]
   rows = {line.split(" | ")[0][3:-1]: line for line in table.splitlines()
           if line.startswith("| `")}
-  assert rows["a"].endswith("| yes | 82.70 / 2.60 | 82.20 / 3.60 | -0.50 | +1.00 | yes |")
-  assert rows["b"].endswith("| -0.60 | -1.40 | **no** |")
-  assert " | no | " in rows["c"] and rows["c"].endswith("| +1.10 | **no** |")
+  assert rows["a"].endswith("| yes | 82.70 / 2.60 | 82.20 / 3.60 | -0.50 | +1.00 | yes | "
+                            "0.30 / 0.80 |")
+  assert rows["b"].endswith("| -0.60 | -1.40 | **no** | -0.40 / 0.20 |")
+  assert " | no | " in rows["c"] and rows["c"].endswith("| +1.10 | **no** | 1.10 / 1.00 |")
   assert "Not re-run yet: `d`." in table
   assert "3 cell(s) compared, 1 within the bar; missed: `b`, `c`." in table
 
