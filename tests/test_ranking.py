@@ -354,3 +354,103 @@ def test_a_failing_tail_is_predicted_only_until_its_failure_is_certain(flips, pr
   else:
     assert c.asked == [predicted] and out["tail_predicted"] == predicted
     assert out["tail_flip"] == 0.0 and out["collateral"] is None
+
+
+class Wide(nn.Module):
+  """feat1 -> feat2 -> cls, all dense, 16 features."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(len(x), -1).astype(jnp.float32)
+    return nn.Dense(10, name="cls")(nn.Dense(16, name="feat2")(nn.Dense(16, name="feat1")(x)))
+
+
+def _two_triggers(n=4000, seed=0):
+  """Images with a clear class each (coordinates 0-9); trigger A (coordinate 10) on
+  images 0-399 sends them to class 0, trigger B (coordinate 12) on 400-799 to class 5."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, 16)).astype(np.float32)
+  x[np.arange(n), rng.integers(0, 10, n)] += 4.0
+  x[:, [10, 12]] *= 0.05
+  x[:400, 10] += 12.0
+  x[400:800, 12] += 12.0
+  cls = np.zeros((16, 10), np.float32)
+  cls[:10] = np.eye(10)
+  cls[10, 0] = cls[12, 5] = 3.0
+  dense = lambda k: {"kernel": jnp.asarray(k), "bias": jnp.zeros(k.shape[1])}
+  eye = np.eye(16, dtype=np.float32)
+  return x.reshape(n, 4, 2, 2), {"params": {"feat1": dense(eye), "feat2": dense(eye),
+                                            "cls": dense(cls)}}
+
+
+def _kept_and_skipped(rep):
+  checks = [c for e in rep["layers"] for c in e["checks"]]
+  return ([c for c in checks if c.get("kept")],
+          [c for c in checks if c.get("skipped") == "stop_left"])
+
+
+RANKED = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
+          "carry": False, "mode": "ranked"}
+
+
+def test_stop_left_ends_the_chase_of_what_a_removal_left():
+  """The first removal leaves about 10 % of its tail; by default a later round removes a
+  second direction for it. stop_left above what is left stops there (one ranking, one
+  direction); below it, the run is the default's."""
+  images, v, _ = _case()
+  _, base = defend(Chain(), v, images, config=RANKED, progress=False)
+  assert base["directions_kept"] == 2 and base["feature_passes"] >= 2
+  _, low = defend(Chain(), v, images, config={**RANKED, "stop_left": 0.02}, progress=False)
+  assert low["layers_projected"] == base["layers_projected"]
+  assert low["directions_kept"] == 2
+  new, stop = defend(Chain(), v, images, config={**RANKED, "stop_left": 0.2},
+                     progress=False)
+  kept, skipped = _kept_and_skipped(stop)
+  assert stop["directions_kept"] == 1 and stop["feature_passes"] == 1
+  assert 0.0 < kept[0]["left"] <= 0.2, kept
+  assert all(s["left_before"] == kept[0]["left"] for s in skipped)
+  # what it keeps is the default's first removal
+  assert stop["layers_projected"] == base["layers_projected"][:1]
+
+
+def test_stop_left_still_removes_another_trigger():
+  """Two triggers on two groups: once the first is removed, the second's tail lies
+  outside the removed one, so it is judged as before, whatever stop_left says; only the
+  candidates that chase the removed tails are skipped."""
+  images, v = _two_triggers()
+  pred = lambda w: np.argmax(np.asarray(Wide().apply(w, images)), -1)
+  _, base = defend(Wide(), v, images, config=RANKED, progress=False)
+  new, rep = defend(Wide(), v, images, config={**RANKED, "stop_left": 1.0},
+                    progress=False)
+  kept, skipped = _kept_and_skipped(rep)
+  assert rep["directions_kept"] == base["directions_kept"] == 2
+  assert rep["feature_passes"] == 1 < base["feature_passes"]
+  assert skipped and all(s["tail_flip"] >= 0.75 for s in skipped)
+  p, before = pred(new), pred(v)
+  assert np.mean(before[:400] == 0) > 0.95 and np.mean(before[400:800] == 5) > 0.95
+  assert np.mean(p[:400] == 0) < 0.2 and np.mean(p[400:800] == 5) < 0.2
+  assert np.mean(p[800:] == before[800:]) > 0.98
+
+
+def test_left_share_counts_the_removed_tail_images_still_predicted_as_before():
+  from types import SimpleNamespace
+  from drr_jax.defenses.drr import make_config, ranking
+  idx = np.array([0, 2, 4, 6, 8])
+  now = np.array([1, 1, 0, 1, 2])
+  original = np.array([1, 2, 0, 1, 2])
+  removed = np.zeros(10, bool)
+  removed[[0, 2, 4, 5]] = True               # 0, 2, 4 confirmation images; 2 flipped
+  run = SimpleNamespace(confirmer=SimpleNamespace(idx=idx, base=lambda variables: now),
+                        cfg=make_config({"stop_left": 0.7}))
+  assert ranking.left_share(run, None, original, removed) == pytest.approx(2 / 3)
+  assert ranking.removed_enough(run, 2 / 3) and not ranking.removed_enough(run, 0.71)
+  assert ranking.left_share(run, None, original, np.zeros(10, bool)) is None
+  assert not ranking.removed_enough(run, None)
+  off = SimpleNamespace(cfg=make_config({"stop_left": None}))
+  assert not ranking.removed_enough(off, 0.0)
+  tail = np.zeros(10, bool)
+  tail[[4, 5, 7]] = True                     # 2 of its 3 images inside the removed tails
+  assert ranking.chases(removed, tail) and not ranking.chases(removed, ~removed)
+  assert not ranking.chases(np.zeros(10, bool), tail)
+  with pytest.raises(DefenseError, match="stop_left"):
+    make_config({"stop_left": 1.5})

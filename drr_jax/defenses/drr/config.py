@@ -82,6 +82,13 @@ class DRRConfig:
                               # images, seeded by `seed`); they look for what the first
                               # removals left, on those images. None: every image
                               # (version 6; docs/design.md "Reading fewer images")
+  stop_left: float | None = None  # ranked: once at most this share of the removed
+                              # tails' confirmation images is still predicted as the
+                              # original network did (what the removals so far left of
+                              # the backdoor, on the defense set), no further candidate
+                              # aimed mostly at those tails is removed and no later
+                              # ranking runs; a candidate aimed mostly at other images
+                              # (another trigger) is judged as before. None: off
   residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
                               # at every unit, the mean difference of the residual tail
                               # (removed-tail images still predicted as the original
@@ -163,12 +170,13 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DRRConfig))
 # settings without one were made with that value (`with_added_settings`). A setting
 # whose arrival changed what the defaults do (ranked_rounds) is not here.
 ADDED_LATER = {"flip_on": "tail", "min_implant": None, "search_samples": None,
-               "later_samples": None}
+               "later_samples": None, "stop_left": None}
 
 
 # Settings that only mode 'ranked' reads (loop.ranked, ranking.py, Run.later_images):
 # another mode runs the same whatever their values.
-RANKED_ONLY = ("ranked_rounds", "later_samples", "residual_tail", "flip_on", "min_implant")
+RANKED_ONLY = ("ranked_rounds", "later_samples", "residual_tail", "flip_on", "min_implant",
+               "stop_left")
 
 
 def settings_read(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -288,6 +296,10 @@ def _validate(cfg: DRRConfig) -> None:
     if not 0.0 < cfg.min_implant <= 1.0:
       raise DefenseError(f"min_implant must be None or in (0, 1], got "
                          f"{cfg.min_implant!r}")
+  if cfg.stop_left is not None:
+    _real("stop_left", cfg.stop_left)
+    if not 0.0 <= cfg.stop_left <= 1.0:
+      raise DefenseError(f"stop_left must be None or in [0, 1], got {cfg.stop_left!r}")
   _real("max_class_collateral", cfg.max_class_collateral)
   if not 0.0 <= cfg.max_class_collateral <= 1.0:
     raise DefenseError("max_class_collateral must be in [0, 1], got "

@@ -170,9 +170,21 @@ def ranked(run: Run, variables: dict[str, Any], state: LoopState) -> LoopResult:
     entries += round_entries
     for s in kept:
       lost.setdefault(s.unit, []).append(s.v)
-    if not kept:
+    if not kept or _finished(run, kept):
       break
   return LoopResult(variables, entries, passes, state)
+
+
+def _finished(run: Run, kept: list[ranking.Scored]) -> bool:
+  """Whether a later ranking could only chase what the removals left while `stop_left`
+  says enough was removed: its candidates must lie mostly inside the removed tails
+  (`tail_overlap`), and what is left is at most `stop_left` (the last kept candidate's
+  'left', measured after its removal)."""
+  if run.cfg.stop_left is None or run.cfg.tail_overlap is None:
+    return False
+  if float(run.cfg.tail_overlap) < ranking.CHASE:
+    return False
+  return ranking.removed_enough(run, kept[-1].stats.get("left"))
 
 
 def _ranked_round(run: Run, variables: dict[str, Any], state: LoopState,

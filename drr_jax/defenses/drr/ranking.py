@@ -35,6 +35,8 @@ MIN_RESIDUAL = 0.5  # share of the still-unflipped tail a further removal must c
 IMPLANT_MAJORITY = 0.8  # share of a tail in one class for its implant to be measured
 IMPLANT_LEFT = 0.1  # implant share below which the backdoor is taken as removed
 MIN_CUT = 0.1       # least share of the implanted hits a further implant removal takes
+CHASE = 0.5         # share of a candidate's tail inside the removed tails above which it
+                    # chases what they left (`stop_left`), rather than another trigger
 
 
 class Later(NamedTuple):
@@ -210,6 +212,32 @@ def residual_candidates(run: Run, variables: Mapping[str, Any], unit: str,
   return [Scored(unit, -1, v, residual, benign, stats)], coverage
 
 
+def left_share(run: Run, variables: Mapping[str, Any], original: np.ndarray,
+               removed_tails: np.ndarray) -> float | None:
+  """The share of the removed tails' confirmation images that the network `variables`
+  still predicts as the original network did (`original`: its predictions on the
+  confirmation images): what the removals so far left of their backdoor, as the defense
+  set shows it. None while no confirmation image was in a removed tail."""
+  inside = removed_tails[run.confirmer.idx]
+  if not inside.any():
+    return None
+  still = inside & (run.confirmer.base(variables) == original)
+  return float(still.sum() / inside.sum())
+
+
+def removed_enough(run: Run, left: float | None) -> bool:
+  """Whether `stop_left` is set and what is left (`left_share`) is at most that."""
+  return (run.cfg.stop_left is not None and left is not None
+          and left <= float(run.cfg.stop_left))
+
+
+def chases(removed_tails: np.ndarray, tail: np.ndarray) -> bool:
+  """Whether a candidate's tail lies mostly (CHASE) inside the tails removed so far: it
+  would finish their removal, not remove another trigger."""
+  overlap = candidates.tail_overlap(removed_tails, tail)
+  return overlap is not None and overlap >= CHASE
+
+
 def order(run: Run, scored: list[Scored]) -> list[Scored]:
   """The passing candidates: those confirmed by their tail flip, least collateral first
   (then most tail flip); then those confirmed by their implant alone, the ones whose
@@ -258,6 +286,11 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
               and collateral <= run.cfg.max_collateral):
         continue
     elif kept or not first_round:
+      if run.cfg.stop_left is not None and chases(removed_tails, s.tail):
+        left = left_share(run, variables, original, removed_tails)
+        if removed_enough(run, left):
+          s.stats.update(skipped="stop_left", left_before=left)
+          continue
       check = run.confirmer.check_residual(original, variables, trial, s.tail)
       s.stats.update(residual=check["residual"], residual_flip=check["tail_flip"],
                      residual_collateral=check["collateral"])
@@ -269,4 +302,6 @@ def select(run: Run, variables: dict[str, Any], ranked: list[Scored], state: Loo
     kept.append(s._replace(v=v))
     removed.setdefault(s.unit, []).append(v)
     removed_tails = removed_tails | s.tail
+    if run.cfg.stop_left is not None:  # recorded for the report; read by the next one
+      s.stats["left"] = left_share(run, variables, original, removed_tails)
   return variables, kept, state._replace(coverage=coverage, removed_tails=removed_tails)
