@@ -390,7 +390,7 @@ def _kept_and_skipped(rep):
 
 
 RANKED = {"side": "input", "tau": 0.0, "min_tail_flip": 0.75, "confirm_samples": 2000,
-          "carry": False, "mode": "ranked"}
+          "carry": False, "mode": "ranked", "stop_left": None}
 
 
 def test_stop_left_ends_the_chase_of_what_a_removal_left():

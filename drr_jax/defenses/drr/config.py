@@ -82,13 +82,14 @@ class DRRConfig:
                               # images, seeded by `seed`); they look for what the first
                               # removals left, on those images. None: every image
                               # (version 6; docs/design.md "Reading fewer images")
-  stop_left: float | None = None  # ranked: once at most this share of the removed
+  stop_left: float | None = 0.05  # ranked: once at most this share of the removed
                               # tails' confirmation images is still predicted as the
                               # original network did (what the removals so far left of
                               # the backdoor, on the defense set), no further candidate
                               # aimed mostly at those tails is removed and no later
                               # ranking runs; a candidate aimed mostly at other images
                               # (another trigger) is judged as before. None: off
+                              # (version 7; docs/design.md "Version 7")
   residual_tail: bool = True  # ranked, ranked_rounds > 1: a later round also tries,
                               # at every unit, the mean difference of the residual tail
                               # (removed-tail images still predicted as the original
