@@ -22,6 +22,13 @@ import jax
 import numpy as np
 
 
+def _umask() -> int:
+  """The process's umask (Python can only read it by setting it)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   """Yields a temporary file beside `path` to write; renames it to `path` when the block
@@ -30,6 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every result private
   try:
     yield Path(tmp)
     os.replace(tmp, path)
@@ -45,6 +53,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
   parent = path.absolute().parent
   parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+  os.chmod(tmp, 0o777 & ~_umask())
   try:
     yield tmp
     if path.exists():

@@ -142,3 +142,21 @@ def test_a_killed_seal_leaves_the_checkpoint_as_it_was(fake_run, tmp_path):
   checkpoint.seal(ckpt)
   _, variables, _, _ = checkpoint.load_model(ckpt)
   assert _same(variables, full)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+  """Files and folders that the atomic writers leave are as readable as open() and
+  mkdir() would have made them (mkstemp alone gives 0600, private to the writer)."""
+  from drr_jax import utils
+  old = os.umask(0o022)
+  try:
+    utils.write_json_atomic(tmp_path / "r.json", {"v": 1})
+    with utils.atomic_dir(tmp_path / "d") as d:
+      (d / "f").write_text("x")
+    os.umask(0o077)
+    utils.write_json_atomic(tmp_path / "private.json", {"v": 1})
+  finally:
+    os.umask(old)
+  assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+  assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
