@@ -69,11 +69,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     json.dump(obj, f, indent=1, default=float)
 
 
+def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+  """The CPU's model name and widest x86 vector extension, e.g. 'AMD EPYC, avx512f':
+  XLA's CPU kernels depend on them, so two machines with different ones round floats
+  differently (docs/design.md). '' where /proc/cpuinfo cannot be read."""
+  try:
+    text = Path(cpuinfo).read_text()
+  except OSError:
+    return platform.processor()
+  first = text.split("\n\n")[0].splitlines()  # the first processor's block
+  fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first if ":" in ln)}
+  flags = set(fields.get("flags", "").split())
+  isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+  return ", ".join(x for x in (fields.get("model name", ""), isa) if x)
+
+
 def machine_description() -> str:
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on "
-          f"{dev.platform} ({kind})")
+  cpu = cpu_description()
+  return (f"{platform.machine()} {os.cpu_count()} cores{f' ({cpu})' if cpu else ''}, "
+          f"jax {jax.__version__} on {dev.platform} ({kind})")
 
 
 def jsonable(obj: Any) -> Any:

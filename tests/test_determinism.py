@@ -43,3 +43,19 @@ def test_defend_is_bit_identical_across_processes(tmp_path):
   changed = [k for k in first if k.startswith("folding[") and not np.array_equal(
       first[k], first["initial" + k[len("folding"):]])]
   assert changed, "the folding setting changed no parameter"
+
+
+def test_records_name_the_cpu_whose_kernels_rounded_them(tmp_path):
+  """Bit-identity holds on one machine only; XLA picks CPU kernels by vector extension, so
+  the machine string of every record names the CPU model and its widest extension."""
+  from drr_jax import utils
+  block = ("processor\t: {n}\nmodel name\t: Zen CPU {n}\n"
+           "flags\t\t: fpu sse4_2 avx {extra}\n")
+  info = tmp_path / "cpuinfo"
+  info.write_text(block.format(n=0, extra="avx2") + "\n" + block.format(n=1, extra="avx512f"))
+  assert utils.cpu_description(info) == "Zen CPU 0, avx2"  # the first processor's block
+  info.write_text(block.format(n=0, extra="avx2 avx512f"))
+  assert utils.cpu_description(info) == "Zen CPU 0, avx512f"
+  assert utils.cpu_description(tmp_path / "missing") == utils.platform.processor()
+  cpu = utils.cpu_description()
+  assert (f"({cpu})" in utils.machine_description()) == bool(cpu)
