@@ -67,7 +67,10 @@ class DRRConfig:
                               # found directions, their tails and everything after are
                               # on all images. None: every image (issue 18: the ascent
                               # costs 0.65 floors per ranking at N = 47,500)
-  lr: float = 0.1             # Cayley step size
+  lr: float = 0.005           # Cayley step size. 0.1 (up to version 7) overshoots
+                              # where the features' covariance is thin: the ascent
+                              # wanders, and float rounding decides where it ends
+                              # (version 8; docs/design.md "The search does not ascend")
   mode: str = "ranked"        # 'ranked': every unit's candidates confirmed on the
                               # original network, removed least collateral first
                               # (ranking.py); 'sequential' (Algorithm 1's layer order);
