@@ -72,13 +72,14 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def cpu_description(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
   """The CPU's model name and widest x86 vector extension, e.g. 'AMD EPYC, avx512f':
   XLA's CPU kernels depend on them, so two machines with different ones round floats
-  differently (docs/design.md). '' where /proc/cpuinfo cannot be read."""
+  differently (docs/design.md). platform.processor() where /proc/cpuinfo cannot be read."""
   try:
     text = Path(cpuinfo).read_text()
   except OSError:
     return platform.processor()
   first = text.split("\n\n")[0].splitlines()  # the first processor's block
-  fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in first if ":" in ln)}
+  pairs = (line.split(":", 1) for line in first if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in pairs}
   flags = set(fields.get("flags", "").split())
   isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
   return ", ".join(x for x in (fields.get("model name", ""), isa) if x)

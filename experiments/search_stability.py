@@ -24,7 +24,8 @@ def main() -> None:
   p.add_argument("--subset", type=int, default=10000, help="defense images")
   p.add_argument("--noise", type=float, default=1e-6, help="relative perturbation")
   p.add_argument("--steps", type=int, nargs="+", default=[200, 1000, 3000])
-  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--lr", type=float, default=0.1,
+                 help="0.1: up to version 7; 0.005: version 8")
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--log", help="append one JSON line per step count here")
   args = p.parse_args()
