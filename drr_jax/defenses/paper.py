@@ -17,7 +17,12 @@ Choices where the paper is silent, each stated here and in docs/design.md:
 - a conv's feature vector: the per-channel spatial max of its input over positions (the
   prototype's pooling; spatial means hide a local trigger).
 - the Stiefel ascent: Cayley retraction, 200 steps of size 0.1 (the prototype used
-  Riemannian Adam, lr 1e-3..1e-4, 1k-20k steps on geoopt).
+  Riemannian Adam, lr 1e-3..1e-4, 1k-20k steps on geoopt). Known since the project's
+  version 8 (docs/design.md, "The search does not ascend"): at 0.1 the ascent oscillates
+  instead of climbing, so this mode's directions are not the moment's maximizers and
+  move with the CPU's rounding. The mode keeps 0.1 so that its committed records can be
+  re-checked; `--set lr=0.005` runs the search that converges (re-running every record
+  at it is about 20 feature passes per model, not done yet).
 - every conv/dense layer is visited, the classifier included ("for l = 1 to L"); grouped
   (depthwise) convs, whose kernels cannot take P, are skipped.
 """
