@@ -224,9 +224,10 @@ def load(spec: str, n: int, synthetic: bool) -> dict[str, Any]:
     label = f"{Path(spec).name} ({mcfg['name']} x{mcfg.get('width', 1.0):g})"
     images, source = None, "its poisoned training set"
     if not synthetic:
-      from drr_jax import datasets
+      from drr_jax import adversary, datasets
       # IAB's poisoned set exists only as training made it: from the attack record
-      images = datasets.load(meta["config"], None, test=False, record=record).train.images
+      images = datasets.load(meta["config"], None, test=False, record=record,
+                             attacker_model=adversary.beside(spec)).train.images
   if synthetic:
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     source = "synthetic uint8 noise"

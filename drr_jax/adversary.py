@@ -5,7 +5,10 @@ trained separately (`attacks.cla`). That model is the victim's architecture and 
 trained on the clean training split with another seed (the victim's + 1); it and the
 perturbed images are cached under $DRR_CACHE_DIR/adversary, keyed by the hashes of the
 settings and data they come from, so that a rerun, or another cell with the same victim
-settings, computes nothing again. A damaged cache entry is recomputed.
+settings, computes nothing again. A damaged cache entry is recomputed. A committed copy of
+the attacker's model (`beside(checkpoint)`, variables only) is used before the cache, so
+a fresh machine re-checks a CLA model without retraining the attacker's; only the PGD
+images (7 steps) are recomputed.
 """
 from __future__ import annotations
 
@@ -36,18 +39,29 @@ def clean_config(config: dict[str, Any]) -> dict[str, Any]:
   return cfg
 
 
+def beside(checkpoint_dir: str | os.PathLike) -> Path:
+  """Where the attacker's model of the victim checkpoint in checkpoint_dir is exported:
+  the sibling folder `<checkpoint_dir>-attacker-clean`."""
+  return Path(os.path.normpath(checkpoint_dir) + "-attacker-clean")
+
+
 def root(cache_dir: str | os.PathLike | None = None) -> Path:
   return Path(cache_dir) if cache_dir is not None else data.default_cache_dir() / "adversary"
 
 
 def clean_model(config: dict[str, Any], train: data.Split, val: data.Split, *,
-                cache_dir: str | os.PathLike | None = None, progress: bool = True):
-  """(model, variables) of the attacker's clean model for this victim config, trained on
-  `train` (resuming, or reused when finished) in the cache."""
+                cache_dir: str | os.PathLike | None = None,
+                exported: str | os.PathLike | None = None, progress: bool = True):
+  """(model, variables) of the attacker's clean model for this victim config: the
+  finished one in `exported` when it trained this config, else trained on `train`
+  (resuming, or reused when finished) in the cache."""
   from drr_jax import train as train_lib  # training is needed only for this attack
-  cfg = clean_config(config)
-  key = _hash({"config": cfg, "data": data.digest(train.images, train.labels)})
   from drr_jax.experiment import finished_meta
+  cfg = clean_config(config)
+  if exported is not None and finished_meta(exported, cfg) is not None:
+    model, variables, _, _ = checkpoint.load_model(exported)
+    return model, variables
+  key = _hash({"config": cfg, "data": data.digest(train.images, train.labels)})
   workdir = root(cache_dir) / f"clean-{key}"
   if finished_meta(workdir, cfg) is None:
     empty = Trigger(np.zeros(train.images.shape[1:], np.uint8),
@@ -60,9 +74,10 @@ def clean_model(config: dict[str, Any], train: data.Split, val: data.Split, *,
 
 def perturbed(config: dict[str, Any], train: data.Split, val: data.Split,
               idx: np.ndarray, *, cache_dir: str | os.PathLike | None = None,
+              exported: str | os.PathLike | None = None,
               progress: bool = True) -> np.ndarray:
   """CLA's PGD images of train.images[idx] against the attacker's clean model (uint8),
-  computed once and cached."""
+  computed once and cached; `exported`: see `clean_model`."""
   eps, step, steps = cla.settings(config["attack"])
   idx = np.asarray(idx, np.int64)
   key = _hash({"clean": clean_config(config),
@@ -74,7 +89,7 @@ def perturbed(config: dict[str, Any], train: data.Split, val: data.Split,
   if cached is not None and len(cached.labels) == len(idx):
     return cached.images
   model, variables = clean_model(config, train, val, cache_dir=cache_dir,
-                                 progress=progress)
+                                 exported=exported, progress=progress)
   images = cla.pgd(features.as_apply_fn(model), variables, train.images[idx],
                    train.labels[idx], eps=eps, step=step, steps=steps)
   data.write_cached(path, data.Split(images, train.labels[idx]))

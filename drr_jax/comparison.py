@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
-from drr_jax import checkpoint, configs, datasets, utils
+from drr_jax import adversary, checkpoint, configs, datasets, utils
 from drr_jax.defenses import get_defense
 from drr_jax import experiment
 from drr_jax.experiment import SCHEMA, metrics, train_cell
@@ -92,7 +92,8 @@ def load_cell(cell: Cell, data_dir: str | os.PathLike | None, ckpt_root: str | o
   workdir = train_cell(cell, data_dir, ckpt_root, export_root, cache_dir=cache_dir,
                        progress=progress)
   model, variables, _, attack_rec = checkpoint.load_model(workdir)
-  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec)
+  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec,
+                     attacker_model=adversary.beside(workdir))
   trigger = ds.train.trigger if tcfg["attack"]["name"] != "none" else None
   before = metrics(model, variables, ds, trigger, tcfg["attack"],
                    int(tcfg["train"]["eval_batch_size"]), progress)

@@ -27,7 +27,8 @@ class Datasets(NamedTuple):
 
 def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
          cache_dir: str | os.PathLike | None = None, test: bool = True,
-         record: dict[str, Any] | None = None) -> Datasets:
+         record: dict[str, Any] | None = None,
+         attacker_model: str | os.PathLike | None = None) -> Datasets:
   """Reads CIFAR-10, holds out validation, and poisons the rest as config['attack'] says:
   `train` is the set the model was trained on (a per-batch attack's: as its final epoch
   used it), `base` what `train.train` takes.
@@ -38,6 +39,8 @@ def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
   is None, so that no clean set passes for the poisoned one; `base` is the clean set.
 
   With test=False the test zip is not read (e.g. while choosing settings on validation).
+  `attacker_model`: a folder that may hold CLA's attacker model, finished
+  (`adversary.beside(checkpoint)`), used instead of training it.
   """
   dcfg = config["data"]
   full = data.load_split("train", data_dir, cache_dir)
@@ -54,7 +57,8 @@ def load(config: dict[str, Any], data_dir: str | os.PathLike | None = None,
   if config["attack"].get("name") in attacks.NEEDS_ADVERSARY:
     from drr_jax import adversary  # trains the attacker's model: only for these attacks
     adv_root = None if cache_dir is None else os.path.join(cache_dir, "adversary")
-    perturb = lambda idx: adversary.perturbed(config, train, val, idx, cache_dir=adv_root)
+    perturb = lambda idx: adversary.perturbed(config, train, val, idx, cache_dir=adv_root,
+                                              exported=attacker_model)
   base = attacks.poison(train.images, train.labels, config["attack"], perturb=perturb)
   if config["attack"].get("name") in attacks.GENERATED:
     used = None if record is None else attacks.iab.trained_set(base, record)

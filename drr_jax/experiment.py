@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from drr_jax import (analysis, attacks, checkpoint, configs, data, datasets, evaluate,
-                     features, utils)
+from drr_jax import (adversary, analysis, attacks, checkpoint, configs, data, datasets,
+                     evaluate, features, utils)
 from drr_jax import train as train_lib
 from drr_jax.defenses import drr
 from drr_jax.defenses.paper import paper_config
@@ -211,7 +211,8 @@ def train_cell(cell: Cell, data_dir: str | os.PathLike | None,
   if exported is not None and finished_meta(exported, tcfg) is not None:
     return reuse_folder(exported, workdir, tcfg)
   if finished_meta(workdir, tcfg) is None:
-    ds = datasets.load(tcfg, data_dir, cache_dir, test=False)
+    ds = datasets.load(tcfg, data_dir, cache_dir, test=False, attacker_model=(
+        None if exported is None else adversary.beside(exported)))
     train_lib.train(tcfg, ds.base, ds.val, workdir, resume=True, progress=progress)
   if exported is None:
     return workdir
@@ -260,7 +261,8 @@ def run_cell(cell: Cell, data_dir: str | os.PathLike | None,
     times["train_wall_seconds_this_run"] = time.time() - t0
   model, variables, meta, attack_rec = checkpoint.load_model(workdir)
   # IAB's training set is the one its record holds (what the final epoch trained on)
-  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec)
+  ds = datasets.load(tcfg, data_dir, cache_dir, record=attack_rec,
+                     attacker_model=adversary.beside(workdir))
   if not np.array_equal(checkpoint.poison_indices(attack_rec), ds.train.poison_idx):
     raise checkpoint.CheckpointError(
         f"{workdir}: its poison indices differ from the data loaded now (another data "

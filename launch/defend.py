@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from drr_jax import assets, attacks, checkpoint, configs, datasets, evaluate, utils
+from drr_jax import adversary, assets, attacks, checkpoint, configs, datasets, evaluate, utils
 from drr_jax.defenses import METHODS, DefenseError, get_defense
 from launch.common import USER_ERRORS, add_debug_flag, fail, output_named, parser
 
@@ -188,7 +188,8 @@ def _run(args: argparse.Namespace) -> dict:
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {e}")
   cfg = meta["config"]
-  ds = datasets.load(cfg, args.data_dir, test=not args.no_test, record=record)
+  ds = datasets.load(cfg, args.data_dir, test=not args.no_test, record=record,
+                     attacker_model=adversary.beside(args.checkpoint))
   acfg = cfg["attack"]
   trigger = attacks.trigger_from_record(record)
   if acfg["name"] == "none":

@@ -88,3 +88,21 @@ def test_cla_end_to_end_poisons_the_target_class_within_eps_and_caches(tmp_path,
       AssertionError("the perturbed images must come from the cache")))
   again = datasets.load(cfg, tmp_path / "zips", tmp_path / "cache", test=False)
   np.testing.assert_array_equal(again.train.images, ps.images)
+  # a fresh machine with the attacker's model exported beside the victim's (the committed
+  # form): the model is read from there, not trained; only the PGD images are recomputed
+  from drr_jax import adversary, checkpoint
+  cache = tmp_path / "cache" / "adversary"
+  (trained,) = cache.glob("clean-*")
+  victim = tmp_path / "export" / "victim"
+  checkpoint.export_variables(trained, adversary.beside(victim))
+  for p in cache.glob("cla-*.npz"):
+    p.unlink()
+  import shutil
+  shutil.rmtree(trained)
+  monkeypatch.undo()
+  monkeypatch.setattr(train_lib, "train", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the attacker's model must come from the export")))
+  fresh = datasets.load(cfg, tmp_path / "zips", tmp_path / "cache", test=False,
+                        attacker_model=adversary.beside(victim))
+  np.testing.assert_array_equal(fresh.train.images, ps.images)
+  assert not list(cache.glob("clean-*"))  # nothing trained into the cache either
