@@ -11,6 +11,7 @@ records always give the same bytes.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from drr_jax import comparison, grid, utils
+from drr_jax.defenses import drr
+from drr_jax.defenses.drr.config import with_added_settings
 from drr_jax.experiment import read_record
 
 CAVEAT = ("CIFAR-10 from the JPEG copy in ../shared/data, so figures differ slightly from "
@@ -110,7 +113,24 @@ def provenance(records: Sequence[dict[str, Any]]) -> list[str]:
     lines.append(f"The paper-DRR figures of {len(reused)} record(s) come from an earlier "
                  f"run of the same paper settings on the same model (`--reuse_paper`; "
                  f"code {', '.join(sources)}).")
+  earlier = earlier_defaults(records)
+  if earlier:
+    lines.append(f"DRR's figures of {len(earlier)} record(s) were made with other settings "
+                 f"than today's defaults (an earlier version, not re-run): "
+                 f"{', '.join(f'`{c}`' for c in earlier)}.")
   return lines + [f"Data: {CAVEAT}"]
+
+
+def earlier_defaults(records: Sequence[dict[str, Any]]) -> list[str]:
+  """Cell ids of the records whose DRR settings are not the current defaults (read with
+  the settings added since at the values that reproduce their code)."""
+  now = json.loads(json.dumps(utils.jsonable(drr.default_config())))
+  out = []
+  for r in records:
+    stored = (r.get("config") or {}).get("drr")
+    if not isinstance(stored, dict) or with_added_settings(stored) != now:
+      out.append(r.get("cell_id", "?"))
+  return sorted(out)
 
 
 def table1(records: Sequence[dict[str, Any]], ratio: float) -> str:

@@ -359,3 +359,15 @@ def test_the_report_says_which_paper_figures_were_reused():
   lines = report.provenance([rec, reused])
   assert any("1 record(s) come from an earlier run" in line and "bbbbbbbbbb" in line
              for line in lines), lines
+
+
+def test_the_report_names_records_made_with_earlier_defaults():
+  now = experiment.experiment_config(grid.get_grid("tiny")[0])["drr"]
+  base = {"date": "2026-12-07T00:00:00+00:00", "machine": "m",
+          "git": {"commit": "a" * 40, "dirty": False}}
+  current = {**base, "cell_id": "today", "config": {"drr": now}}
+  older = {**base, "cell_id": "older", "config": {"drr": {**now, "lr": 0.1}}}
+  assert report.earlier_defaults([current, older]) == ["older"]
+  assert not any("earlier version" in line for line in report.provenance([current]))
+  assert any("1 record(s)" in line and "`older`" in line and "earlier version" in line
+             for line in report.provenance([current, older]))
