@@ -122,14 +122,15 @@ def provenance(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def earlier_defaults(records: Sequence[dict[str, Any]]) -> list[str]:
-  """Cell ids of the records whose DRR settings are not the current defaults (read with
-  the settings added since at the values that reproduce their code)."""
+  """Cell ids of the DRR records (those with a `config.drr` section; a baseline's has
+  none) whose DRR settings are not the current defaults (read with the settings added
+  since at the values that reproduce their code)."""
   now = json.loads(json.dumps(utils.jsonable(drr.default_config())))
-  out = []
+  out = set()
   for r in records:
     stored = (r.get("config") or {}).get("drr")
-    if not isinstance(stored, dict) or with_added_settings(stored) != now:
-      out.append(r.get("cell_id", "?"))
+    if isinstance(stored, dict) and with_added_settings(stored) != now:
+      out.add(r.get("cell_id", "?"))
   return sorted(out)
 
 

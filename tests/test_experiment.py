@@ -367,7 +367,8 @@ def test_the_report_names_records_made_with_earlier_defaults():
           "git": {"commit": "a" * 40, "dirty": False}}
   current = {**base, "cell_id": "today", "config": {"drr": now}}
   older = {**base, "cell_id": "older", "config": {"drr": {**now, "lr": 0.1}}}
-  assert report.earlier_defaults([current, older]) == ["older"]
+  baseline = {**base, "cell_id": "fp-run", "method": "fp", "config": {"fp": {}}}
+  assert report.earlier_defaults([current, older, older, baseline]) == ["older"]
   assert not any("earlier version" in line for line in report.provenance([current]))
   assert any("1 record(s)" in line and "`older`" in line and "earlier version" in line
              for line in report.provenance([current, older]))
