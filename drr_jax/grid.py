@@ -144,10 +144,6 @@ NEW_ATTACKS = tuple(
     # ACC 5.4 points below the clean model; docs/attacks.md): the same cell (model, seed,
     # attack) trained 20 epochs, to tell a short schedule from a weak attack.
     _zoo("new-r18-wanet-p10-e20", "resnet18", 0.25, 20, "wanet", 0.10, 303),
-    # Added 2026-12-07, on the backdoored (undefended) ASR alone: IAB's backdoor took only
-    # in part in the `cpu` schedule (val ASR 68-76 %, docs/attacks.md); the ResNet-18 cell
-    # (model, seed, attack, one mask epoch) trained 20 joint epochs, as WaNet's above.
-    _zoo("new-r18-iab-p10-e20", "resnet18", 0.25, 20, "iab", 0.10, 310),
 )
 
 GRIDS = {"cpu": _cpu_grid, "tiny": _tiny_grid, "zoo-dev": lambda: list(ZOO_DEV),
