@@ -82,6 +82,57 @@ def test_settings_come_from_the_preset_and_can_be_set():
           "Input-aware (IAB), mask density 0.032, target 0, 10 % per batch (+ as many cross)")
 
 
+def test_g_steps_on_the_running_sum_of_its_gradients_as_the_originals():
+  """The original's train_step zeroes only the classifier's gradients, so G's Adam reads
+  the sum of every gradient so far; `iab_accumulate_g=False` feeds it each step's own."""
+  import optax
+  params = {"w": jnp.zeros(3)}
+  grads = [{"w": jnp.array([1.0, -2.0, 0.5])}, {"w": jnp.array([0.5, 1.0, -1.0])},
+           {"w": jnp.array([-3.0, 0.0, 2.0])}]
+  sums = [{"w": sum(g["w"] for g in grads[:i + 1])} for i in range(len(grads))]
+
+  def steps(tx, inputs):
+    state, out = tx.init(params), []
+    for g in inputs:
+      u, state = tx.update(g, state, params)
+      out.append(np.asarray(u["w"]))
+    return out
+
+  seen = steps(optax.chain(iab.running_sum(), optax.sgd(1.0)), grads)
+  np.testing.assert_allclose(seen, [-np.asarray(s["w"]) for s in sums], rtol=1e-6)
+  on = iab.settings({}, "cpu")
+  off = iab.settings({"iab_accumulate_g": False}, "cpu")
+  assert on.accumulate_g is True and off.accumulate_g is False
+  # G's optimizer fed the gradients = plain Adam fed their running sums, and not Adam
+  # fed the gradients themselves
+  accumulated = steps(iab.generator_optimizer(on, 100), grads)
+  np.testing.assert_allclose(accumulated, steps(iab.generator_optimizer(off, 100), sums),
+                             rtol=1e-6)
+  assert not np.allclose(accumulated[-1], steps(iab.generator_optimizer(off, 100),
+                                                grads)[-1])
+  assert all(iab.defaults(p)["iab_accumulate_g"] is True for p in ("paper", "cpu", "tiny"))
+  with pytest.raises(ValueError, match="iab_accumulate_g"):
+    iab.settings({"iab_accumulate_g": "yes"})
+
+
+def test_a_checkpoint_from_before_accumulation_is_another_config():
+  """IAB models trained before `iab_accumulate_g` existed zeroed G's gradients: their
+  configs lack the key, which must read as False, not as today's default."""
+  import copy
+
+  from drr_jax import grid
+  from drr_jax.attacks import same_training_config
+  cell = next(c for c in grid.NEW_ATTACKS if c.attack == "iab")
+  wanted = grid.cell_config(cell)
+  assert wanted["attack"]["iab_accumulate_g"] is True
+  old = copy.deepcopy(wanted)
+  del old["attack"]["iab_accumulate_g"]
+  assert not same_training_config(old, wanted)
+  off = copy.deepcopy(wanted)
+  off["attack"]["iab_accumulate_g"] = False
+  assert same_training_config(old, off) and same_training_config(wanted, wanted)
+
+
 def _config():
   cfg = configs.get_config("tiny")
   cfg["data"]["val_fraction"] = 0.1

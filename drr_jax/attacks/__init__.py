@@ -46,6 +46,9 @@ def default_settings(name: str, preset: str) -> dict[str, Any]:
 # Trigger settings every training config gained on 2026-12-03 (106ccf3), at the values
 # that reproduce the single BadNets patch and Blended pattern of the code before them.
 ADDED_2026_12_03 = {"position": "br", "pattern": "random", "blend_pattern": "noise"}
+# Settings whose absence means another value than today's default: IAB models trained
+# before `iab_accumulate_g` existed (2026-12-07) zeroed G's gradients every step.
+ABSENT_MEANS = {"iab": {"iab_accumulate_g": False}}
 
 
 def same_training_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -53,14 +56,16 @@ def same_training_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool
   added to configs after the checkpoint was written (the patch's and blend's on
   2026-12-03, `ADDED_2026_12_03`; SIG's and CLA's `default_settings` on 2026-12-06) is
   absent from it; those runs used the default, so an absent key reads as its default.
-  Any other difference is a different config."""
+  An IAB config without `iab_accumulate_g` predates it and reads as False
+  (`ABSENT_MEANS`). Any other difference is a different config."""
   if stored == wanted:
     return True
 
   def filled(cfg: dict[str, Any]) -> dict[str, Any]:
     attack = dict(cfg.get("attack", {}))
-    added = {**ADDED_2026_12_03, **default_settings(str(attack.get("name", "none")),
-                                                    str(cfg.get("preset", "cpu")))}
+    name = str(attack.get("name", "none"))
+    added = {**ADDED_2026_12_03, **default_settings(name, str(cfg.get("preset", "cpu"))),
+             **ABSENT_MEANS.get(name, {})}
     for key, value in added.items():
       attack.setdefault(key, value)
     return {**cfg, "attack": attack}

@@ -53,9 +53,14 @@ Choices here (docs/attacks.md lists them with the CPU schedule):
   decays as the original.
 - The defender gets the final epoch's poisoned samples as training made them
   (`record`, `trained_set`), with the generator of the step that trained on each.
+- G's gradients accumulate, as in both codes (`iab_accumulate_g`, on by default): their
+  `train_step` zeroes the classifier's gradients before each step (`optimizerC.zero_grad()`)
+  but never G's, so each Adam step of G reads the sum of every gradient G got since the
+  joint training began (`running_sum`). Off, each step reads its own gradient, as the
+  models trained here before 2026-12-07 did.
 
 config keys (defaults per preset in `PRESETS`): iab_channels, iab_mask_epochs,
-iab_lambda_div, iab_lambda_norm, iab_mask_density, iab_lr_g, iab_lr_m.
+iab_lambda_div, iab_lambda_norm, iab_mask_density, iab_lr_g, iab_lr_m, iab_accumulate_g.
 """
 from __future__ import annotations
 
@@ -77,7 +82,7 @@ EPSILON = 1e-7
 # The original's settings (config.py and train.py there; BackdoorBench's default.yaml).
 PAPER = {"iab_channels": 32, "iab_mask_epochs": 25, "iab_lambda_div": 1.0,
          "iab_lambda_norm": 100.0, "iab_mask_density": 0.032, "iab_lr_g": 0.01,
-         "iab_lr_m": 0.01}
+         "iab_lr_m": 0.01, "iab_accumulate_g": True}
 # Per preset (drr_jax/configs.py). On the CPU the mask pre-training is one epoch, not 25,
 # and the two networks are half as wide (16 channels at the first step, not 32): about a
 # quarter of the cost. See docs/attacks.md for the time this buys.
@@ -101,6 +106,7 @@ class Settings(NamedTuple):
   mask_density: float
   lr_g: float
   lr_m: float
+  accumulate_g: bool = True
 
 
 def defaults(preset: str) -> dict[str, Any]:
@@ -117,13 +123,15 @@ def settings(config: dict[str, Any], preset: str = "cpu") -> Settings:
   s = Settings(int(values["iab_channels"]), int(values["iab_mask_epochs"]),
                float(values["iab_lambda_div"]), float(values["iab_lambda_norm"]),
                float(values["iab_mask_density"]), float(values["iab_lr_g"]),
-               float(values["iab_lr_m"]))
+               float(values["iab_lr_m"]), values["iab_accumulate_g"])
   if s.channels < 1 or s.mask_epochs < 0:
     raise ValueError(f"iab_channels must be >= 1 and iab_mask_epochs >= 0; got {s}")
   if not 0 < s.mask_density < 1 or s.lambda_div < 0 or s.lambda_norm < 0:
     raise ValueError(f"IAB needs 0 < iab_mask_density < 1 and lambdas >= 0; got {s}")
   if not s.lr_g > 0 or not s.lr_m > 0:
     raise ValueError(f"IAB's learning rates must be positive; got {s}")
+  if not isinstance(s.accumulate_g, (bool, np.bool_)):
+    raise ValueError(f"iab_accumulate_g must be true or false; got {s.accumulate_g!r}")
   return s
 
 
@@ -270,8 +278,30 @@ def _milestones(lr: float, total_steps: int, fractions: tuple[float, ...]) -> Ca
   return lambda step: lr * LR_FACTOR ** jnp.sum(step >= bounds).astype(jnp.float32)
 
 
+class RunningSumState(NamedTuple):
+  total: Any  # the sum of every gradient so far, shaped as the params
+
+
+def running_sum() -> optax.GradientTransformation:
+  """Replaces each gradient by the sum of all gradients so far: PyTorch's `.grad` when
+  `zero_grad()` is never called, as for the original's G."""
+
+  def init(params):
+    return RunningSumState(jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    total = jax.tree.map(jnp.add, state.total, updates)
+    return total, RunningSumState(total)
+
+  return optax.GradientTransformation(init, update)
+
+
 def generator_optimizer(s: Settings, total_steps: int) -> optax.GradientTransformation:
-  return optax.adam(_milestones(s.lr_g, total_steps, G_MILESTONES), *ADAM_BETAS)
+  """G's Adam (betas 0.5, 0.9, its lr decayed at the milestones), fed the running sum of
+  G's gradients when `s.accumulate_g`, as the original's."""
+  adam = optax.adam(_milestones(s.lr_g, total_steps, G_MILESTONES), *ADAM_BETAS)
+  return optax.chain(running_sum(), adam) if s.accumulate_g else adam
 
 
 def mask_optimizer(s: Settings, total_steps: int) -> optax.GradientTransformation:
@@ -380,7 +410,9 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, gen: nn.M
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new = {**state, "params": optax.apply_updates(state["params"], updates),
            "batch_stats": stats, "opt_state": opt_state, "step": state["step"] + 1}
-    if k:  # a batch without poisoned images leaves G alone (PyTorch skips gradless params)
+    # A batch without poisoned images gives G no gradient: PyTorch's Adam then skips G,
+    # unless G's gradient accumulates, when it steps again on the sum so far.
+    if k or s.accumulate_g:
       g_updates, g_opt = tx_g.update(g_grads, state["gen"]["opt_state"],
                                      state["gen"]["params"])
       new["gen"] = {"params": optax.apply_updates(state["gen"]["params"], g_updates),
